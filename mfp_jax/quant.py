@@ -54,6 +54,78 @@ def binarize_mean_scale(w: jax.Array, *, clip: float = 1.0) -> jax.Array:
   return alpha * sign_ste(w, clip)
 
 
+@jax.custom_vjp
+def sign_annealed(w: jax.Array, t: jax.Array) -> jax.Array:
+  """``sign(w)`` in ``{-1, +1}`` with the annealed tanh estimator of Q-SNN.
+
+  Backward: ``dL/dw = dL/dsign * k t (1 - tanh(t w)^2)`` with ``k = max(1, 1/t)``; as ``t``
+  grows the estimator sharpens toward the true derivative of ``sign``. ``t`` (a scalar
+  array, so changing it never recompiles) gets no gradient.
+  """
+  del t
+  return jnp.where(w >= 0, 1.0, -1.0).astype(w.dtype)
+
+
+def annealed_grad(w: jax.Array, t: jax.Array) -> jax.Array:
+  """The estimator's derivative ``max(1, 1/t) * t * (1 - tanh(t w)^2)``, elementwise."""
+  k = jnp.maximum(1.0, 1.0 / t)
+  return k * t * (1.0 - jnp.tanh(t * w) ** 2)
+
+
+def _sign_annealed_fwd(w, t):
+  return sign_annealed(w, t), (w, t)
+
+
+def _sign_annealed_bwd(res, g):
+  w, t = res
+  return g * annealed_grad(w, t).astype(g.dtype), jnp.zeros_like(t)
+
+
+sign_annealed.defvjp(_sign_annealed_fwd, _sign_annealed_bwd)
+
+
+def anneal_schedule(step: jax.Array | int, total_steps: int, *, t_min: float = 0.1,
+                    t_max: float = 10.0) -> jax.Array:
+  """Log-uniform sharpness ``t_min * (t_max / t_min)^(step / total_steps)``, clipped to the ends.
+
+  A pure function of the step: compute it outside (or inside) the jitted step and pass it
+  in as a float32 scalar.
+  """
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(total_steps), 1), 0.0, 1.0)
+  return jnp.float32(t_min) * (jnp.float32(t_max / t_min) ** frac)
+
+
+def binarize_pow2(w: jax.Array, *, estimator: str = 'ste', t: jax.Array | float = 1.0,
+                  clip: float = 1.0, eps: float = 1e-5) -> jax.Array:
+  """Q-SNN weight binarizer: standardize per output channel, sign, power-of-two scale.
+
+  ``w_std = (w - mean) / std`` over every axis but the last; ``w_hat = 2^round(log2(mean
+  |w_std|)) * sign(w_std)`` -- the scale is a shift in hardware. The scale is a statistic
+  (no gradient); the sign's backward is the clipped STE (``estimator='ste'``) or the annealed
+  estimator (``'annealed'``, sharpness ``t``).
+
+  Args:
+    w: latent kernel ``[..., out]``.
+    estimator: ``'ste'`` or ``'annealed'``.
+    t: sharpness of the annealed estimator (scalar).
+    clip: STE clip range (in standardized units).
+
+  Returns:
+    ``w_hat`` with the shape of ``w``, values ``+-2^k`` per output channel.
+  """
+  axes = _channel_axes(w)
+  mu = jnp.mean(w, axis=axes, keepdims=True)
+  sd = jnp.std(w, axis=axes, keepdims=True)
+  w_std = (w - mu) / (sd + eps)
+  scale = jax.lax.stop_gradient(
+      2.0 ** jnp.round(jnp.log2(jnp.mean(jnp.abs(w_std), axis=axes, keepdims=True) + eps)))
+  if estimator == 'ste':
+    return scale * sign_ste(w_std, clip)
+  if estimator == 'annealed':
+    return scale * sign_annealed(w_std, jnp.asarray(t, w.dtype))
+  raise ValueError(f"unknown estimator {estimator!r}; allowed: ['annealed', 'ste']")
+
+
 def uniform_levels(bits: int) -> int:
   """Number of positive levels ``n = 2^(b-1) - 1`` of the ``b``-bit quantizer of Eq. 4."""
   if bits < 2:

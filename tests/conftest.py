@@ -1,12 +1,17 @@
-"""Test setup: CPU only, seeded keys. Multi-device tests start their own subprocesses."""
+"""Test setup: CPU only, seeded keys, a tiny digits config. Multi-device tests start their
+own subprocesses (the device count is fixed when jax initializes)."""
 
 import os
+import sys
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'tests'))
 
 
 @pytest.fixture
@@ -17,3 +22,9 @@ def key():
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)
+
+
+@pytest.fixture
+def tiny_config():
+  from helpers import tiny_digits_config
+  return tiny_digits_config()

@@ -1,0 +1,79 @@
+"""Losses on per-step logits ``[T, B, K]`` and the WS-DR firing-rate term. Pure functions.
+
+``mask: [B]`` weights each example (0 for the padding rows of the last eval batch).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LOSSES = ('per_step_ce', 'mean_ce', 'tet')
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``values [B]`` weighted by ``mask [B]``."""
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def per_step_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Cross-entropy at every time step, averaged over ``T`` (TET without its MSE term).
+
+  Args:
+    logits: ``[T, B, K]``; labels: int ``[B]``; mask: ``[B]``.
+
+  Returns:
+    scalar ``(1/T) sum_t mean_b CE(logits[t, b], labels[b])``.
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :])  # [T, B]
+  return _masked_mean(ce.mean(axis=0), mask)
+
+
+def mean_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Cross-entropy of the time-mean logits ``mean_t logits[t]``. Shapes as :func:`per_step_ce`."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.mean(axis=0), labels)
+  return _masked_mean(ce, mask)
+
+
+def tet(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, lam: float = 1e-3,
+        phi: float = 1.0) -> jax.Array:
+  """TET loss (Deng et al. 2022): ``(1 - lam) * per_step_ce + lam * mean (logits - phi)^2``.
+
+  The MSE term pulls every step's logits toward ``phi`` (TET's regularizer, ``phi = 1``).
+  """
+  mse = jnp.mean((logits - phi) ** 2, axis=(0, 2))  # [B]
+  return (1.0 - lam) * per_step_ce(logits, labels, mask) + lam * _masked_mean(mse, mask)
+
+
+def firing_rate_penalty(rates: jax.Array, *, target: float = 0.5) -> jax.Array:
+  """WS-DR term ``mean_l (fr_l - target)^2`` over the hidden spiking layers.
+
+  Args:
+    rates: ``[L]`` firing rates of all spiking layers in network order; the first and the
+      last are excluded (with ``L <= 2`` the term is 0).
+
+  Returns:
+    scalar (multiply by ``lambda`` in the total loss).
+  """
+  hidden = rates[1:-1]
+  if hidden.shape[0] == 0:
+    return jnp.zeros((), rates.dtype)
+  return jnp.mean((hidden - target) ** 2)
+
+
+def classification_loss(name: str, logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+                        tet_lambda: float = 1e-3) -> jax.Array:
+  """Dispatches to the loss named ``name`` (one of ``LOSSES``)."""
+  if name == 'per_step_ce':
+    return per_step_ce(logits, labels, mask)
+  if name == 'mean_ce':
+    return mean_ce(logits, labels, mask)
+  if name == 'tet':
+    return tet(logits, labels, mask, lam=tet_lambda)
+  raise ValueError(f'unknown loss {name!r}; allowed: {list(LOSSES)}')
+
+
+def predictions(logits: jax.Array) -> jax.Array:
+  """Class predictions ``[B]``: argmax of the time-mean logits ``[T, B, K]``."""
+  return jnp.argmax(logits.mean(axis=0), axis=-1)
