@@ -19,7 +19,7 @@ from mfp_jax import neurons
 from mfp_jax import quant
 from mfp_jax import surrogate as surrogate_lib
 
-NEURONS = ('mfp', 'mfp_column', 'lif')
+NEURONS = ('mfp', 'mfp_column', 'lif', 'relu')
 BINARY_SCALES = ('pow2', 'mean')
 ESTIMATORS = ('ste', 'annealed')
 
@@ -125,7 +125,7 @@ class NeuronSpec:
 
   Attributes:
     kind: ``'mfp'`` (learnable ``[T, T]`` M), ``'mfp_column'`` (Eq. 6, learnable ``[T]`` tau),
-      or ``'lif'`` (hard-reset LIF baseline, BPTT).
+      ``'lif'`` (hard-reset LIF baseline, BPTT), or ``'relu'`` (no spikes: the ANN floor).
     vth: threshold.
     surrogate: surrogate name (see :mod:`mfp_jax.surrogate`); alpha: its sharpness (None:
       default).
@@ -178,6 +178,9 @@ class SpikingNeuron(nn.Module):
         mq = lambda u: quant.quantize_membrane(u, bits, vmax=spec.vth)
       s = neurons.lif_serial(x, tau=spec.tau, vth=spec.vth, surrogate=spike_fn,
                              membrane_quant=mq)
+    elif spec.kind == 'relu':
+      # Not a spiking neuron: the ANN with the same layers, a speed floor for benchmarks.
+      s = jax.nn.relu(x)
     else:
       raise ValueError(f'unknown neuron {spec.kind!r}; allowed: {list(NEURONS)}')
     self.sow('intermediates', 'firing_rate', jnp.mean(s))

@@ -28,7 +28,7 @@ def bn(c):
 
 
 def neuron(T, kind):
-  return {'mfp': T * T, 'mfp_column': T, 'lif': 0}[kind]
+  return {'mfp': T * T, 'mfp_column': T, 'lif': 0, 'relu': 0}[kind]
 
 
 def dense(i, o):
@@ -71,7 +71,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize('kind', ['mfp', 'mfp_column', 'lif'])
+@pytest.mark.parametrize('kind', ['mfp', 'mfp_column', 'lif', 'relu'])
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_parameter_count(name, kind):
   shape, classes, T, expected = CASES[name]
@@ -146,7 +146,7 @@ def test_bad_names():
   with pytest.raises(ValueError, match="allowed: \\['digits_cnn'"):
     models.create_model(model_cfg('resnet50'), num_classes=10)
   model = models.create_model(model_cfg('digits_cnn', kind='izhikevich'), num_classes=10)
-  with pytest.raises(ValueError, match="allowed: \\['mfp', 'mfp_column', 'lif'\\]"):
+  with pytest.raises(ValueError, match="allowed: \\['mfp', 'mfp_column', 'lif', 'relu'\\]"):
     models.init_variables(model, (8, 8, 1), jax.random.key(0))
   model = models.create_model(model_cfg('digits_cnn'), num_classes=10)
   with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):

@@ -108,7 +108,7 @@ def test_two_devices_match_one(tmp_path):
 
 BAD = [
     ('model.name', 'resnet50', "one of \\['digits_cnn', 'resnet19', 'vggsnn', 'vgg16'\\]"),
-    ('model.neuron.kind', 'izh', "one of \\['mfp', 'mfp_column', 'lif'\\]"),
+    ('model.neuron.kind', 'izh', "one of \\['mfp', 'mfp_column', 'lif', 'relu'\\]"),
     ('data.name', 'mnist', "one of \\['digits', 'cifar10'"),
     ('model.T', 0, 'an integer in \\[1, 1024\\]'),
     ('optim.name', 'lamb', "one of \\['sgd', 'adamw'\\]"),
