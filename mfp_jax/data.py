@@ -13,6 +13,7 @@ event frames ``[B, T, H, W, C]`` (the model moves ``T`` to the front).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
@@ -178,17 +179,27 @@ def create_dataset(cfg, *, T: int) -> Dataset:
     ValueError: unknown name.
     DataNotFoundError: the files are missing; the message names the place and the fix.
   """
+  dataset = _create(cfg, T)
+  for split in ('train', 'test'):
+    if len(getattr(dataset, split)) == 0:
+      raise DataNotFoundError(f'{dataset.name}: the {split} split under '
+                              f'{cfg.data_dir or "(embedded)"} is empty')
+  return dataset
+
+
+def _create(cfg, T: int) -> Dataset:
   name = cfg.name
   if name == 'digits':
     return load_digits(test_fraction=cfg.get('test_fraction', 0.25),
                        split_seed=cfg.get('split_seed', 0))
   # Deferred imports: the real loaders pull in tensorflow-datasets, PIL and tonic.
   from mfp_jax import data_sources
+  data_dir = os.path.expanduser(cfg.data_dir)
   if name in ('cifar10', 'cifar100'):
-    return data_sources.load_cifar(name, cfg.data_dir, cutout=cfg.get('cutout', 0))
+    return data_sources.load_cifar(name, data_dir, cutout=cfg.get('cutout', 0))
   if name == 'tinyimagenet':
-    return data_sources.load_tinyimagenet(cfg.data_dir)
+    return data_sources.load_tinyimagenet(data_dir)
   if name == 'cifar10dvs':
-    return data_sources.load_cifar10dvs(cfg.data_dir, T=T, size=cfg.get('size', 48),
+    return data_sources.load_cifar10dvs(data_dir, T=T, size=cfg.get('size', 48),
                                         split_seed=cfg.get('split_seed', 0))
   raise ValueError(f'unknown data set {name!r}; allowed: {list(DATASETS)}')

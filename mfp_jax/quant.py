@@ -69,7 +69,8 @@ def sign_annealed(w: jax.Array, t: jax.Array) -> jax.Array:
 def annealed_grad(w: jax.Array, t: jax.Array) -> jax.Array:
   """The estimator's derivative ``max(1, 1/t) * t * (1 - tanh(t w)^2)``, elementwise."""
   k = jnp.maximum(1.0, 1.0 / t)
-  return k * t * (1.0 - jnp.tanh(t * w) ** 2)
+  # 1 - tanh^2 = sech^2, computed as 1 / cosh^2: no cancellation in float32 where tanh ~ 1.
+  return k * t / jnp.cosh(t * w) ** 2
 
 
 def _sign_annealed_fwd(w, t):

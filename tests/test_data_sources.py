@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import datagen
 from mfp_jax import data as data_lib
 from mfp_jax import data_sources as ds_lib
 
@@ -61,43 +62,10 @@ def _assert_fast_not_found(fn, where):
 # --- CIFAR (tfds array_record) ----------------------------------------------------------------
 
 
-def _write_tfds_cifar(data_dir, name, n_train, n_test, seed=0):
-  """A genuine prepared tfds folder, as download_and_prepare(file_format='array_record') writes.
-
-  Returns {split: (images uint8 [N, 32, 32, 3], labels [N])}.
-  """
-  import tensorflow_datasets as tfds
-  from PIL import Image
-
-  builder = tfds.builder(name, data_dir=str(data_dir), file_format='array_record')
-  features = builder.info.features
-  num_classes = features['label'].num_classes
-  os.makedirs(builder.data_dir)
-  rng = np.random.default_rng(seed)
-  written, splits = {}, []
-  for split, n in (('train', n_train), ('test', n_test)):
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    labels = np.arange(n) % num_classes
-    records = []
-    for i in range(n):
-      ex = {'id': f'{split}_{i:05d}', 'image': Image.fromarray(images[i]), 'label': labels[i]}
-      if 'coarse_label' in features:
-        ex['coarse_label'] = labels[i] % 20
-      records.append((i, features.serialize_example(ex)))  # PIL in: PNG bytes, no TF needed
-    path = os.path.join(builder.data_dir, f'{name}-{split}.array_record-00000-of-00001')
-    tfds.core.file_adapters.ArrayRecordFileAdapter.write_examples(path, records)
-    splits.append(tfds.core.SplitInfo(name=split, shard_lengths=[n],
-                                      num_bytes=os.path.getsize(path), filename_template=None))
-    written[split] = (images, labels)
-  builder.info.set_splits(tfds.core.SplitDict(splits))
-  builder.info.write_to_directory(builder.data_dir)
-  return written
-
-
 @pytest.fixture(scope='module')
 def cifar10_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp('tfds')
-  return d, _write_tfds_cifar(d, 'cifar10', n_train=24, n_test=10)
+  return d, datagen.write_tfds_cifar(d, 'cifar10', n_train=24, n_test=10)
 
 
 def test_cifar10_reads_written_examples_and_batches(cifar10_dir):
@@ -130,7 +98,7 @@ def test_cifar_cutout_blanks_one_square(cifar10_dir):
 
 
 def test_cifar100(tmp_path):
-  written = _write_tfds_cifar(tmp_path, 'cifar100', n_train=6, n_test=4)
+  written = datagen.write_tfds_cifar(tmp_path, 'cifar100', n_train=6, n_test=4)
   ds = ds_lib.load_cifar('cifar100', str(tmp_path))
   assert ds.num_classes == 100 and (len(ds.train), len(ds.test)) == (6, 4)
   x, y = ds.test.get_batch(np.arange(4))
@@ -147,7 +115,7 @@ def test_cifar_missing_is_fast_and_says_how(tmp_path):
 
 
 def test_cifar_missing_split_shard(tmp_path):
-  _write_tfds_cifar(tmp_path, 'cifar10', n_train=4, n_test=2)
+  datagen.write_tfds_cifar(tmp_path, 'cifar10', n_train=4, n_test=2)
   (test_file,) = (tmp_path / 'cifar10').glob('*/cifar10-test.array_record-*')
   test_file.unlink()
   _assert_fast_not_found(lambda: ds_lib.load_cifar('cifar10', str(tmp_path)), tmp_path)
@@ -156,28 +124,8 @@ def test_cifar_missing_split_shard(tmp_path):
 # --- Tiny-ImageNet (JPEG folders) -------------------------------------------------------------
 
 
-def _write_tiny(root, wnids=('n03', 'n01', 'n02'), n_train=4, n_val=6):
-  from PIL import Image
-
-  rng = np.random.default_rng(0)
-  root.mkdir(parents=True)
-  (root / 'wnids.txt').write_text('\n'.join(wnids) + '\n')  # unsorted on purpose
-  for w in wnids:
-    (root / 'train' / w / 'images').mkdir(parents=True)
-    for i in range(n_train):
-      img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-      Image.fromarray(img).save(root / 'train' / w / 'images' / f'{w}_{i}.JPEG')
-  (root / 'val' / 'images').mkdir(parents=True)
-  lines = []
-  for i in range(n_val):
-    img = rng.integers(0, 256, (64, 64), dtype=np.uint8)  # greyscale, as some real ones are
-    Image.fromarray(img).save(root / 'val' / 'images' / f'val_{i}.JPEG')
-    lines.append(f'val_{i}.JPEG\t{wnids[i % len(wnids)]}\t0\t0\t63\t63')
-  (root / 'val' / 'val_annotations.txt').write_text('\n'.join(lines[::-1]) + '\n')
-
-
 def test_tinyimagenet(tmp_path):
-  _write_tiny(tmp_path / 'tiny-imagenet-200')
+  datagen.write_tinyimagenet(tmp_path / 'tiny-imagenet-200')
   ds = ds_lib.load_tinyimagenet(str(tmp_path))
   assert (ds.num_classes, ds.input_shape) == (3, (64, 64, 3))
   assert (len(ds.train), len(ds.test)) == (12, 6)
@@ -198,7 +146,7 @@ def test_tinyimagenet_missing_or_incomplete(tmp_path):
   msg = _assert_fast_not_found(lambda: ds_lib.load_tinyimagenet(str(tmp_path)), tmp_path)
   assert 'tiny-imagenet-200.zip' in msg
   root = tmp_path / 'tiny-imagenet-200'
-  _write_tiny(root)
+  datagen.write_tinyimagenet(root)
   (root / 'val' / 'images' / 'val_3.JPEG').unlink()
   _assert_fast_not_found(lambda: ds_lib.load_tinyimagenet(str(tmp_path)), root / 'val')
 
@@ -209,30 +157,10 @@ DVS_PER_CLASS = 10
 DVS_EVENTS = 300
 
 
-def _write_aedat4(path, n_events, seed):
-  dv = pytest.importorskip('dv_processing')
-  rng = np.random.default_rng(seed)
-  t = np.sort(rng.integers(0, 200_000, n_events)) + 1_700_000_000_000_000
-  x, y = rng.integers(0, 128, n_events), rng.integers(0, 128, n_events)
-  p = rng.integers(0, 2, n_events).astype(bool)
-  store = dv.EventStore()
-  for i in range(n_events):
-    store.push_back(int(t[i]), int(x[i]), int(y[i]), bool(p[i]))
-  writer = dv.io.MonoCameraWriter(
-      str(path), dv.io.MonoCameraWriter.EventOnlyConfig('DVS128', (128, 128)))
-  writer.writeEvents(store)
-  del writer  # closes the file
-
-
 @pytest.fixture(scope='module')
 def dvs_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp('dvs')
-  for c, name in enumerate(ds_lib.DVS_CLASSES):
-    (d / 'CIFAR10DVS' / name).mkdir(parents=True)
-    for i in range(DVS_PER_CLASS):
-      _write_aedat4(d / 'CIFAR10DVS' / name / f'cifar10_{name}_{i}.aedat4', DVS_EVENTS,
-                    seed=100 * c + i)
-  return d
+  pytest.importorskip('dv_processing')
+  return datagen.write_cifar10dvs(tmp_path_factory.mktemp('dvs'), DVS_PER_CLASS, DVS_EVENTS)
 
 
 def test_cifar10dvs(dvs_dir, monkeypatch):
@@ -312,3 +240,13 @@ def test_create_dataset_dispatches(cifar10_dir):
   cfg = ml_collections.ConfigDict({'name': 'cifar10', 'data_dir': str(d), 'cutout': 4})
   ds = data_lib.create_dataset(cfg, T=4)
   assert ds.name == 'cifar10' and len(ds.test) == 10
+
+
+def test_empty_split_is_a_clear_error(tmp_path):
+  pytest.importorskip('dv_processing')
+  import ml_collections
+  datagen.write_cifar10dvs(tmp_path, per_class=1, n_events=50)  # 9:1 of one file: no test
+  cfg = ml_collections.ConfigDict({'name': 'cifar10dvs', 'data_dir': str(tmp_path), 'size': 16,
+                                   'split_seed': 0})
+  with pytest.raises(data_lib.DataNotFoundError, match='test split .* is empty'):
+    data_lib.create_dataset(cfg, T=2)
