@@ -1,0 +1,1 @@
+"""Benchmarks: each `python -m benchmarks.<name>` prints a markdown table and writes JSON."""

@@ -1,0 +1,101 @@
+"""Ablation of the recipe on the embedded digits data: 3 seeds per variant, accuracy and time.
+
+  python -m benchmarks.ablation_digits                 # the full table (~30 min on 2 cores)
+  python -m benchmarks.ablation_digits --seeds 0 --variants default --epochs 1   # smoke
+
+Each run is the README's command, `python train.py --config configs/digits.py ...` with the
+variant's overrides, in a fresh subprocess; wall time is that subprocess's, start-up and
+compilation included. Prints a markdown table and writes JSON (default
+benchmarks/results/ablation_digits.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    'default': ('MFP, 1-bit hidden (pow2, clipped STE), fp first/last, lambda 0', []),
+    'annealed': ('annealed tanh estimator instead of clipped STE',
+                 ['--config.model.estimator=annealed']),
+    'wsdr': ('WS-DR firing-rate term, lambda 5e-3', ['--config.loss.fr_lambda=0.005']),
+    'fp_weights': ('full-precision hidden weights', ['--config.model.weight_bits=32']),
+    'edges_8bit': ('8-bit first conv and classifier', ['--config.model.first_last_bits=8']),
+    'recipe': ('paper recipe: annealed + lambda 5e-3 + 8-bit first/last',
+               ['--config.model.estimator=annealed', '--config.loss.fr_lambda=0.005',
+                '--config.model.first_last_bits=8']),
+    'lif': ('LIF neurons (float membrane, hard reset)', ['--config.model.neuron.kind=lif']),
+    'lif_m8': ('LIF, membrane quantized to 8 bits',
+               ['--config.model.neuron.kind=lif', '--config.model.neuron.membrane_bits=8']),
+    'lif_m2': ('LIF, membrane quantized to 2 bits',
+               ['--config.model.neuron.kind=lif', '--config.model.neuron.membrane_bits=2']),
+    'lif_m1': ('LIF, membrane quantized to 1 bit',
+               ['--config.model.neuron.kind=lif', '--config.model.neuron.membrane_bits=1']),
+}
+
+_FINAL = re.compile(r'final test accuracy: ([0-9.]+)')
+
+
+def run_one(overrides: list[str], seed: int, workdir: str, epochs: int | None) -> dict:
+  """One `train.py` run in a subprocess; returns accuracy and wall seconds."""
+  cmd = [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir', workdir,
+         f'--config.seed={seed}', *overrides]
+  if epochs:
+    cmd.append(f'--config.num_epochs={epochs}')
+  t0 = time.perf_counter()
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  wall = time.perf_counter() - t0
+  m = _FINAL.search(r.stdout)
+  if r.returncode != 0 or not m:
+    raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stderr[-2000:]}')
+  return {'seed': seed, 'accuracy': float(m.group(1)), 'wall_s': wall}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+  p.add_argument('--epochs', type=int, default=None, help='override num_epochs (smoke runs)')
+  p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
+                                               'ablation_digits.json'))
+  args = p.parse_args(argv)
+  import jax
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in args.variants:
+      desc, overrides = VARIANTS[name]
+      runs = [run_one(overrides, s, os.path.join(tmp, f'{name}_{s}'), args.epochs)
+              for s in args.seeds]
+      acc = np.array([r['accuracy'] for r in runs])
+      rows.append({'variant': name, 'description': desc, 'overrides': overrides, 'runs': runs,
+                   'mean_accuracy': float(acc.mean()), 'worst_accuracy': float(acc.min()),
+                   'mean_wall_s': float(np.mean([r['wall_s'] for r in runs]))})
+      print(f'{name}: {acc.round(4).tolist()} ({rows[-1]["mean_wall_s"]:.1f} s/run)',
+            file=sys.stderr, flush=True)
+  print('| variant | what | mean acc | worst acc | s/run |')
+  print('|---|---|---|---|---|')
+  for r in rows:
+    print(f'| {r["variant"]} | {r["description"]} | {100 * r["mean_accuracy"]:.2f}% | '
+          f'{100 * r["worst_accuracy"]:.2f}% | {r["mean_wall_s"]:.0f} |')
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump({'device': jax.devices()[0].device_kind, 'cpu_count': os.cpu_count(),
+               'platform': platform.platform(), 'jax': jax.__version__, 'seeds': args.seeds,
+               'epochs_override': args.epochs, 'rows': rows}, f, indent=1)
+  return rows
+
+
+if __name__ == '__main__':
+  main()
