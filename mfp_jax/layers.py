@@ -20,6 +20,7 @@ from mfp_jax import quant
 from mfp_jax import surrogate as surrogate_lib
 
 NEURONS = ('mfp', 'mfp_column', 'lif', 'relu')
+NEURON_MODES = ('parallel', 'serial', 'eq9')
 BINARY_SCALES = ('pow2', 'mean')
 ESTIMATORS = ('ste', 'annealed')
 
@@ -131,6 +132,10 @@ class NeuronSpec:
       default).
     tau: LIF decay, and the decay of ``M``'s initialization.
     membrane_bits: LIF only: quantize the stored membrane to this many bits (None: float).
+    mode: how an MFP neuron runs (same parameters in every mode): ``'parallel'`` (training
+      form), ``'serial'`` (exact streaming ``lax.scan``, float) or ``'eq9'`` (the paper's
+      Eq. 9 thresholds, exact only for a diagonal ``M``). Ignored by ``'lif'`` and ``'relu'``.
+      Switch with ``model.clone(neuron=dataclasses.replace(spec, mode='serial'))``.
   """
   kind: str = 'mfp'
   vth: float = 1.0
@@ -138,6 +143,7 @@ class NeuronSpec:
   alpha: float | None = None
   tau: float = 0.5
   membrane_bits: int | None = None
+  mode: str = 'parallel'
 
 
 def decaying_m_init(tau: float):
@@ -150,6 +156,17 @@ def decaying_m_init(tau: float):
     return jnp.where(lag >= 0, jnp.asarray(tau, dtype) ** jnp.maximum(lag, 0), 0).astype(dtype)
 
   return init
+
+
+def _run_mfp(x: jax.Array, m: jax.Array, spec: NeuronSpec, spike_fn) -> jax.Array:
+  """MFP spikes ``[T, ...]`` of ``x`` with ``m: [T, T]`` in the form ``spec.mode`` names."""
+  if spec.mode == 'parallel':
+    return neurons.mfp_parallel(x, m, vth=spec.vth, surrogate=spike_fn)
+  if spec.mode == 'serial':
+    return neurons.mfp_serial(x, m, vth=spec.vth)
+  if spec.mode == 'eq9':
+    return neurons.mfp_serial_eq9(x, m, vth=spec.vth)
+  raise ValueError(f'unknown neuron mode {spec.mode!r}; allowed: {list(NEURON_MODES)}')
 
 
 class SpikingNeuron(nn.Module):
@@ -167,17 +184,25 @@ class SpikingNeuron(nn.Module):
     spike_fn = surrogate_lib.get_surrogate(spec.surrogate, spec.alpha)
     if spec.kind == 'mfp':
       m = self.param('M', decaying_m_init(spec.tau), (t, t), jnp.float32)
-      s = neurons.mfp_parallel(x, m.astype(x.dtype), vth=spec.vth, surrogate=spike_fn)
+      s = _run_mfp(x, m.astype(x.dtype), spec, spike_fn)
     elif spec.kind == 'mfp_column':
       tau = self.param('tau', nn.initializers.ones, (t,), jnp.float32)
-      s = neurons.mfp_column_parallel(x, tau.astype(x.dtype), vth=spec.vth, surrogate=spike_fn)
+      if spec.mode == 'parallel':
+        s = neurons.mfp_column_parallel(x, tau.astype(x.dtype), vth=spec.vth,
+                                        surrogate=spike_fn)
+      elif spec.mode == 'serial':
+        s = neurons.mfp_column_serial(x, tau.astype(x.dtype), vth=spec.vth)
+      else:
+        s = _run_mfp(x, neurons.column_matrix(tau.astype(x.dtype)), spec, spike_fn)
     elif spec.kind == 'lif':
-      mq = None
-      if spec.membrane_bits is not None:
+      if spec.membrane_bits is None:
+        # Hand-written BPTT: the same spikes and gradients as lif_serial, faster and leaner.
+        s = neurons.lif_bptt(x, tau=spec.tau, vth=spec.vth, surrogate=spike_fn)
+      else:
         bits = spec.membrane_bits
         mq = lambda u: quant.quantize_membrane(u, bits, vmax=spec.vth)
-      s = neurons.lif_serial(x, tau=spec.tau, vth=spec.vth, surrogate=spike_fn,
-                             membrane_quant=mq)
+        s = neurons.lif_serial(x, tau=spec.tau, vth=spec.vth, surrogate=spike_fn,
+                               membrane_quant=mq)
     elif spec.kind == 'relu':
       # Not a spiking neuron: the ANN with the same layers, a speed floor for benchmarks.
       s = jax.nn.relu(x)
