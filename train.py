@@ -3,7 +3,9 @@
   python train.py --config configs/digits.py --workdir runs/digits
   python train.py --config configs/cifar10.py --config.num_epochs=5 --workdir runs/c10
 
-A rerun with the same --workdir resumes from its last checkpoint.
+A rerun with the same --workdir resumes from its last complete checkpoint. SIGTERM/SIGINT save
+a checkpoint and exit with status 3. Multi-host: add --coordinator_address/--num_processes/
+--process_id, or --distributed on a TPU VM or SLURM. Exit codes: see mfp_jax/cli.py.
 """
 
 from absl import app
@@ -18,17 +20,20 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  del argv
-  cli.maybe_initialize_distributed()
-  from mfp_jax import train_lib  # Imported after distributed start-up, which must come first.
+  if len(argv) > 1:
+    cli.fail(f'error: unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
+  cli.maybe_initialize_distributed()  # Before anything touches a JAX backend.
+  from mfp_jax import train_lib
 
   result = cli.run_or_exit(
       lambda: train_lib.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)).metrics
   import jax
-  if jax.process_index() == 0:
-    print(f'final test accuracy: {result["accuracy"]:.4f} (best {result["best_accuracy"]:.4f}, '
-          f'step {result["step"]}, {result["wall_s"]:.1f} s)', flush=True)
+  if jax.process_index() == 0:  # Global numbers: every process evaluated its shard.
+    best = result['best_accuracy']
+    best = f'best {best:.4f}' if best >= 0 else 'no epoch finished yet'
+    print(f'final test accuracy: {result["accuracy"]:.4f} on {result["count"]} examples '
+          f'({best}, step {result["step"]}, {result["wall_s"]:.1f} s)', flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -121,9 +121,17 @@ def iterate_batches(dataset: Dataset,
   # Shard the (global) order so process p gets positions p, p + P, ...: with the same
   # global batch every process reads its own rows of it.
   order = order[shard_indices(n, process_index, process_count)]
-  nb = num_batches(len(order), batch_size, drop_remainder=train)
+  # Every process must yield the same number of batches (each batch is one collective step),
+  # though shards differ by a row when process_count does not divide n: train counts the
+  # smallest shard, test the largest (the others get a padded, possibly all-padding, batch).
+  shard = n // process_count if train else -(-n // process_count)
+  nb = num_batches(shard, batch_size, drop_remainder=train)
   for b in range(start_batch, nb):
     idx = order[b * batch_size:(b + 1) * batch_size]
+    if not len(idx):  # test only: this shard is one row short and has run out
+      yield {'image': np.zeros((batch_size,) + dataset.input_shape, np.float32),
+             'label': np.zeros(batch_size, np.int32), 'mask': np.zeros(batch_size, np.float32)}
+      continue
     x, y = source.get_batch(np.sort(idx) if not train else idx)
     x = dataset.preprocess(x)
     if train:

@@ -1,6 +1,10 @@
 """Where a run reports: stdout lines, ``<workdir>/metrics.jsonl``, TensorBoard, a progress bar.
 
 Only process 0 writes (``enabled=False`` elsewhere), so a multi-host run logs once.
+
+A resumed run redoes the steps after its last checkpoint, so on start-up the lines a killed
+run wrote after that step are dropped from ``metrics.jsonl`` (and TensorBoard is told to purge
+them): the log of a resumed run reads like the log of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,15 +21,34 @@ import tqdm
 class RunLog:
   """Appends JSON lines and TensorBoard scalars; owns the tqdm bar of the current epoch."""
 
-  def __init__(self, workdir: str, *, enabled: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, start_step: int = 0):
+    """Opens the logs of ``workdir``; the run (re)starts after ``start_step``."""
     self.enabled = enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._bar = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
+      self._drop_after(start_step)
       from tensorboardX import SummaryWriter  # Writes event files without TensorFlow.
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=start_step + 1)
+
+  def _drop_after(self, step: int) -> None:
+    """Keeps the lines up to ``step`` (and drops a line cut short by a kill)."""
+    if not os.path.exists(self.path):
+      return
+    keep = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          if json.loads(line)['step'] <= step:
+            keep.append(line if line.endswith('\n') else line + '\n')
+        except (ValueError, KeyError, TypeError):
+          continue
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)  # Atomic: a kill here leaves the old or the new file.
 
   def info(self, msg: str) -> None:
     if self.enabled:

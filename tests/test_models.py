@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -97,8 +98,8 @@ def test_forward_on_tiny_batch(name):
   x = jax.random.uniform(jax.random.key(1), (2,) + shape)
   logits, col = jax.jit(lambda v, x: model.apply(v, x, train=True,
                                                  mutable=['batch_stats', 'intermediates']))(v, x)
-  assert logits.shape == (T, 2, classes)
-  assert jnp.all(jnp.isfinite(logits))
+  chex.assert_shape(logits, (T, 2, classes))
+  chex.assert_tree_all_finite(logits)
   assert len(jax.tree.leaves(col['intermediates'])) >= 3
 
 

@@ -2,6 +2,7 @@ import functools
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,8 +84,8 @@ def test_interrupt_and_resume_matches_uninterrupted(tmp_path):
   assert part.metrics['step'] == 30
   resumed = train_lib.train_and_evaluate(tiny_digits_config(), str(tmp_path / 'resumed'))
   assert resumed.metrics['step'] == full.metrics['step'] == 42
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               jax.device_get(resumed.state.params), jax.device_get(full.state.params))
+  chex.assert_trees_all_close(jax.device_get(resumed.state.params),
+                              jax.device_get(full.state.params), rtol=1e-6, atol=1e-7)
   assert resumed.metrics['accuracy'] == full.metrics['accuracy']
 
 

@@ -1,0 +1,83 @@
+"""What keeps a long run safe: stop requests (preemption, Ctrl-C) and non-finite numbers.
+
+A stop request never interrupts a step or a save: the signal only sets a flag, and the
+training loop asks :meth:`StopRequest.reached` after every step; when it says yes, the loop
+saves a checkpoint and raises :class:`Preempted`.
+
+Multi-host runs must all stop at the *same* step (the save is collective), so there the flag is
+JAX's preemption service (started by ``jax.distributed.initialize``): a SIGTERM to any process
+is shared with the others, and ``reached_preemption_sync_point(step)`` becomes True on every
+process at one agreed step. SIGINT is turned into a SIGTERM to the same process so Ctrl-C takes
+that path too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint was saved. The message says where."""
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss, a gradient or the parameters stopped being finite (``nan_policy = 'stop'``)."""
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every leaf of ``tree`` is finite (a scalar bool array)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class StopRequest:
+  """Context manager: while active, SIGTERM/SIGINT ask the training loop to stop cleanly.
+
+  A second SIGINT in a single-process run raises ``KeyboardInterrupt`` at once (an impatient
+  Ctrl-C still works). Signal handlers can only be set from the main thread; elsewhere (e.g. a
+  test calling the loop from a worker thread) this never asks to stop.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._old: dict[int, Any] = {}
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self) -> StopRequest:
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    # Multi-host: leave SIGTERM to JAX's preemption notifier (a Python handler would replace it).
+    for s in (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT):
+      self._old[s] = signal.signal(s, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self._multi:
+      self.signum = signum
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier shares it with every process
+      return
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def reached(self, step: int) -> bool:
+    """True when the loop should save and stop after ``step`` (the same step on every host)."""
+    if not self._multi:
+      return self.signum is not None
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signum = self.signum or signal.SIGTERM
+      return True
+    return False
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+    self._old.clear()
