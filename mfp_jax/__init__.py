@@ -6,11 +6,13 @@ from mfp_jax.neurons import (
     eq9_thresholds,
     fold_thresholds,
     folded_serial,
+    lif_bptt,
     lif_serial,
     mfp_column_parallel,
     mfp_column_serial,
     mfp_membrane,
     mfp_parallel,
+    mfp_parallel_reference,
     mfp_serial,
     mfp_serial_eq9,
 )
