@@ -12,9 +12,7 @@ benchmarks/results/ablation_digits.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -22,6 +20,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from benchmarks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,10 +68,8 @@ def main(argv=None):
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
   p.add_argument('--epochs', type=int, default=None, help='override num_epochs (smoke runs)')
-  p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
-                                               'ablation_digits.json'))
+  p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/)')
   args = p.parse_args(argv)
-  import jax
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for name in args.variants:
@@ -84,16 +82,12 @@ def main(argv=None):
                    'mean_wall_s': float(np.mean([r['wall_s'] for r in runs]))})
       print(f'{name}: {acc.round(4).tolist()} ({rows[-1]["mean_wall_s"]:.1f} s/run)',
             file=sys.stderr, flush=True)
-  print('| variant | what | mean acc | worst acc | s/run |')
-  print('|---|---|---|---|---|')
-  for r in rows:
-    print(f'| {r["variant"]} | {r["description"]} | {100 * r["mean_accuracy"]:.2f}% | '
-          f'{100 * r["worst_accuracy"]:.2f}% | {r["mean_wall_s"]:.0f} |')
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump({'device': jax.devices()[0].device_kind, 'cpu_count': os.cpu_count(),
-               'platform': platform.platform(), 'jax': jax.__version__, 'seeds': args.seeds,
-               'epochs_override': args.epochs, 'rows': rows}, f, indent=1)
+  print(common.markdown_table(
+      ['variant', 'what', 'mean acc', 'worst acc', 's/run'],
+      [[r['variant'], r['description'], f"{100 * r['mean_accuracy']:.2f}%",
+        f"{100 * r['worst_accuracy']:.2f}%", f"{r['mean_wall_s']:.0f}"] for r in rows]))
+  common.write_json('ablation_digits', {'seeds': args.seeds, 'epochs_override': args.epochs,
+                                        'rows': rows}, args.out)
   return rows
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
-import numpy as np
+
+from benchmarks import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
@@ -104,10 +103,8 @@ def main(argv=None):
   p.add_argument('--epochs', type=int, default=3, help='passes timed per pipeline')
   p.add_argument('--train_steps', type=int, default=5,
                  help='timed train steps per config; 0 skips the train step (pipelines only)')
-  p.add_argument('--out', default=os.path.join(ROOT, 'benchmarks', 'results',
-                                               'input_pipeline.json'))
+  p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/)')
   args = p.parse_args(argv)
-  import jax
   from mfp_jax import data as data_lib
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
@@ -128,16 +125,11 @@ def main(argv=None):
                    'pipeline_batches_per_s': bps, 'train_steps_per_s': sps,
                    'headroom': bps / sps, 'prepare_s': prepare_s, 'compile_s': compile_s})
       print(f'{name}: {bps:.1f} batches/s vs {sps:.3f} steps/s', file=sys.stderr, flush=True)
-  print(f'| data set | model, T | pipeline batches/s | train steps/s | headroom |')
-  print('|---|---|---|---|---|')
-  for r in rows:
-    print(f'| {r["dataset"]} | {r["model"]}, {r["T"]} | {r["pipeline_batches_per_s"]:.1f} | '
-          f'{r["train_steps_per_s"]:.3f} | {r["headroom"]:.0f}x |')
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump({'device': jax.devices()[0].device_kind, 'devices': jax.device_count(),
-               'cpu_count': os.cpu_count(), 'platform': platform.platform(),
-               'jax': jax.__version__, 'batch_size': args.batch_size, 'rows': rows}, f, indent=1)
+  print(common.markdown_table(
+      ['data set', 'model, T', 'pipeline batches/s', 'train steps/s', 'headroom'],
+      [[r['dataset'], f"{r['model']}, {r['T']}", f"{r['pipeline_batches_per_s']:.1f}",
+        f"{r['train_steps_per_s']:.3f}", f"{r['headroom']:.0f}x"] for r in rows]))
+  common.write_json('input_pipeline', {'batch_size': args.batch_size, 'rows': rows}, args.out)
   return rows
 
 

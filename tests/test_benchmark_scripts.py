@@ -15,7 +15,7 @@ def test_ablation_runs_tiny(tmp_path):
                                            'edges_8bit', 'lif', 'lif_m8', 'lif_m2', 'lif_m1'}
   assert all(0.0 <= r['mean_accuracy'] <= 1.0 for r in rows)
   data = json.load(open(tmp_path / 'a.json'))
-  assert data['rows'][0]['runs'][0]['seed'] == 0 and 'jax' in data
+  assert data['rows'][0]['runs'][0]['seed'] == 0 and 'jax' in data['environment']
 
 
 def test_input_pipeline_runs_tiny(tmp_path):
