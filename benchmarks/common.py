@@ -17,7 +17,7 @@ of them). The timing method, stated in every JSON file it writes:
 
 from __future__ import annotations
 
-import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -27,33 +27,40 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-# glibc mallopt parameters.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 ALLOCATORS = ('tuned', 'default')
 _ALLOCATOR = {'mode': 'default', 'detail': 'glibc malloc, default settings'}
+
+
+def _runtime():
+  """``mfp_jax.runtime`` without importing the ``mfp_jax`` package (its ``__init__`` imports
+  JAX, and this module must import without it); the loaded module if it is there already."""
+  mod = sys.modules.get('mfp_jax.runtime') or sys.modules.get('_mfp_jax_runtime')
+  if mod is None:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'mfp_jax',
+                        'runtime.py')  # benchmarks/ always runs from the checkout beside it
+    spec = importlib.util.spec_from_file_location('_mfp_jax_runtime', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules['_mfp_jax_runtime'] = mod
+  return mod
 
 
 def set_allocator(mode: str) -> dict:
   """Sets glibc malloc up for ``mode`` before any large allocation; returns what was done.
 
-  ``'tuned'``: large buffers come from one heap and stay there after ``free`` (mmap threshold
-  1 GiB, trim threshold 2 GiB, one arena), so a steady-state loop reuses warm pages -- what a
-  caching allocator gives a GPU framework. ``'default'``: glibc's defaults: buffers over
-  32 MiB are fresh ``mmap`` pages on every call, and writing them costs page faults (about
-  10 ms per 40 MiB here), which then dominate elementwise timings.
+  Delegates to ``mfp_jax.runtime.tune_allocator`` (its docstring says why). ``'tuned'``:
+  large buffers come from one heap and stay there after ``free``, so a steady-state loop
+  reuses warm pages; ``'default'``: glibc's defaults, where buffers over 32 MiB are fresh
+  ``mmap`` pages on every call whose page faults (about 10 ms per 40 MiB here) then dominate
+  elementwise timings. The mode is also exported as ``$MFP_JAX_ALLOCATOR``, so library code
+  that calls ``tune_allocator()`` later, and any subprocess, follows the benchmark's choice.
   """
   if mode not in ALLOCATORS:
     raise ValueError(f'unknown allocator {mode!r}; allowed: {list(ALLOCATORS)}')
-  if mode == 'tuned':
-    try:
-      libc = ctypes.CDLL('libc.so.6')
-      ok = (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-            and libc.mallopt(_M_ARENA_MAX, 1))
-    except OSError:
-      ok = False
-    detail = ('glibc mallopt: M_MMAP_THRESHOLD=1GiB, M_TRIM_THRESHOLD=2GiB, M_ARENA_MAX=1'
-              if ok else 'requested tuned, but glibc mallopt is unavailable: default malloc')
-    _ALLOCATOR.update(mode='tuned' if ok else 'default', detail=detail)
+  runtime = _runtime()
+  os.environ[runtime.ENV_VAR] = mode
+  state = runtime.tune_allocator(mode)
+  _ALLOCATOR.update(mode=state['mode'], detail=state['detail'])
   return dict(_ALLOCATOR)
 
 
