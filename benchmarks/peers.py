@@ -2,6 +2,7 @@
 
   python -m benchmarks.peers                  # T in {4, 8, 10, 16, 32}, 2^20 neurons
   python -m benchmarks.peers --ts 10 --reps 15 --allocator default
+  python -m benchmarks.peers --step           # one training step beside a PyTorch twin
 
 Needs ``torch`` and ``spikingjelly`` (an optional extra, not part of the core install). Their
 own requirements pull a CUDA build of torch, so on a CPU machine install them as:
@@ -20,11 +21,16 @@ gradient w.r.t. the input and the time-mixing weights for a fixed cotangent ``dS
 
 Both frameworks allocate through glibc malloc here, so ``--allocator`` applies to both; torch
 uses ``torch.get_num_threads()`` threads (stated in the JSON).
+
+``--step`` runs :mod:`benchmarks.step_peers` instead, with the remaining arguments: one full
+training step of VGGSNN / ResNet19 in mfp_jax and in the PyTorch + SpikingJelly twin
+(:mod:`benchmarks.torch_twin`), each contender in its own process.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from benchmarks import common
 
@@ -80,7 +86,13 @@ def jax_contenders(t: int, n: int) -> dict:
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if '--step' in argv:  # the training-step comparison; its own flags (see its --help)
+    from benchmarks import step_peers
+    return step_peers.main([a for a in argv if a != '--step'])
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--step', action='store_true',
+                 help='time one training step beside the PyTorch twin (benchmarks.step_peers)')
   p.add_argument('--ts', default='4,8,10,16,32', help='comma-separated T values')
   p.add_argument('--n', type=int, default=2**20, help='neurons per time step')
   p.add_argument('--no-jax', action='store_true', help='time the torch contenders only')
