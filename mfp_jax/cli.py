@@ -8,9 +8,11 @@
 Exit codes:
   0  done.
   1  an unexpected error (a Python traceback: a bug, please report it).
-  2  bad input: flags, config, missing data, an unusable checkpoint or workdir.
-  3  stopped by SIGTERM/SIGINT (preemption, Ctrl-C) after saving a checkpoint; rerun the same
-     command to resume.
+  2  bad input: flags, a config file or field, missing data, an unusable checkpoint, a workdir
+     that another process holds or that cannot be written (disk full, read-only).
+  3  stopped by SIGTERM/SIGINT (preemption, Ctrl-C). In the training loop: after saving a
+     checkpoint; rerun the same command to resume. Before it (imports, set-up) and in
+     eval.py: at once, with nothing to save. After it: once the saves in flight are written.
   4  non-finite loss, gradient or weights with ``config.nan_policy = 'stop'``; nothing
      non-finite was saved; the message names the step and the last good checkpoint.
   5  multi-host failure: could not join the run, or a collective failed (usually another
@@ -26,20 +28,29 @@ import socket
 import sys
 import time
 import traceback
+import types
 from typing import Callable, NoReturn, Sequence
 
 from absl import flags
 from absl import logging
 import ml_collections
+from ml_collections import config_flags
 
 from mfp_jax import checkpoints
 from mfp_jax import config_lib
 from mfp_jax import data
 from mfp_jax import resilience
+from mfp_jax import workdir
 
 EXIT_OK, EXIT_CRASH, EXIT_USAGE, EXIT_PREEMPTED, EXIT_NONFINITE, EXIT_DISTRIBUTED = range(6)
 
-USER_ERRORS = (config_lib.ConfigError, checkpoints.CheckpointError, data.DataNotFoundError)
+
+class ConfigFileError(ValueError):
+  """A ``--config`` file cannot be loaded; one line naming the file and why."""
+
+
+USER_ERRORS = (config_lib.ConfigError, checkpoints.CheckpointError, data.DataNotFoundError,
+               workdir.WorkdirBusyError, workdir.WorkdirWriteError, ConfigFileError)
 
 flags.DEFINE_string('coordinator_address', os.environ.get('MFP_COORDINATOR_ADDRESS'),
                     'host:port of process 0 for a multi-host run (env MFP_COORDINATOR_ADDRESS)')
@@ -72,8 +83,12 @@ def _quiet_library_logs() -> None:
 # --- Flags ---------------------------------------------------------------------------------
 
 
-def _unknown_field(err: Exception, argv: Sequence[str]) -> str | None:
-  """``--config.model.widht=3`` -> a line naming the field and the allowed ones, or None."""
+def _unknown_field(err: Exception, argv: Sequence[str],
+                   configs: dict[str, ml_collections.ConfigDict]) -> str | None:
+  """``--config.model.widht=3`` -> a line naming the field and the allowed ones, or None.
+
+  ``configs``: flag name -> the config its file gave (the fields listed are that config's).
+  """
   # ml_collections wraps a KeyError (whose str() adds quotes) in an AttributeError: unwrap
   # to the plain message, "'widht'" or "'widht'\nDid you mean ...".
   while err.args and isinstance(err.args[0], Exception):
@@ -88,7 +103,7 @@ def _unknown_field(err: Exception, argv: Sequence[str]) -> str | None:
     if not arg.startswith('-') or not path or key not in path:
       continue
     parent = path[:path.index(key)]
-    node = config_lib.base_config()
+    node = configs.get(root) or config_lib.base_config()
     for p in parent:
       node = node.get(p) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict):
@@ -102,28 +117,111 @@ def _unknown_field(err: Exception, argv: Sequence[str]) -> str | None:
   return None
 
 
+def _where(e: BaseException, path: str) -> str:
+  """`` (line N)`` of the innermost frame of ``e``'s traceback in the file ``path``."""
+  lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return f' (line {lines[-1]})' if lines else ''
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Runs ``get_config()`` of a config file, as ``--config=<path>[:<arg>]`` would.
+
+  Raises:
+    ConfigFileError: ``cannot load the config file <path>: <reason>``: the file is missing
+      or unreadable, does not compile, raises, has no ``get_config``, or that returns
+      something other than a ConfigDict.
+  """
+  path, *arg = spec.split(':', 1)
+  error = lambda reason: ConfigFileError(f'cannot load the config file {path}: {reason}')
+  try:
+    with open(path, 'rb') as f:
+      code = compile(f.read(), path, 'exec')
+  except OSError as e:
+    raise error(e.strerror or str(e)) from None
+  except SyntaxError as e:
+    raise error(f'SyntaxError: {e.msg} (line {e.lineno})') from None
+  # Registered while it runs, as an import would be (dataclasses look their module up there).
+  name = f'_mfp_config_{os.path.splitext(os.path.basename(path))[0]}'
+  module = sys.modules[name] = types.ModuleType(name)
+  module.__file__ = path
+  try:
+    exec(code, module.__dict__)  # pylint: disable=exec-used
+    get_config = module.__dict__.get('get_config')
+    if not callable(get_config):
+      raise error('it defines no get_config() function')
+    config = get_config(*arg)
+  except ConfigFileError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the user's code: anything
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    raise error(f'{type(e).__name__}: {first}{_where(e, path)}') from None
+  finally:
+    sys.modules.pop(name, None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise error(f'get_config() returned {type(config).__name__}, not an '
+                f'ml_collections.ConfigDict')
+  return config
+
+
+def _is_config_flag(flag: flags.Flag) -> bool:
+  try:
+    config_flags.get_config_filename(flag)
+  except TypeError:  # not a config flag
+    return False
+  except flags.Error:  # a config flag, not parsed yet
+    pass
+  return True
+
+
+def _config_file_specs(argv: Sequence[str]) -> dict[str, str]:
+  """Flag name -> value of every config-file flag in ``argv`` (``--config=x``, ``--config x``)."""
+  names = [n for n in flags.FLAGS if _is_config_flag(flags.FLAGS[n])]
+  specs = {}
+  for i, arg in enumerate(argv[1:], 1):
+    m = re.fullmatch(r'--?([A-Za-z0-9_]+)(?:=(.*))?', arg, re.S)
+    if m and m.group(1) in names:
+      value = m.group(2) if m.group(2) is not None else (argv[i + 1] if i + 1 < len(argv)
+                                                          else None)
+      if value is not None:
+        specs[m.group(1)] = value  # The last one wins, as for any absl flag.
+  return specs
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser (``app.run(main, flags_parser=parse_flags)``).
 
-  Bad flags, a misspelt ``--config.x.y`` override and an unreadable config file each become
-  one ``error:`` line and exit status 2, instead of absl's ``FATAL`` text or a traceback.
+  Bad flags, a misspelt ``--config.x.y`` override and a config file that cannot be loaded
+  each become one ``error:`` line and exit status 2, instead of absl's ``FATAL`` text or a
+  traceback. The config file is loaded and checked here first (``config_flags`` would defer
+  or wrap its errors), then parsed by ``config_flags`` with its overrides.
   """
+  configs: dict[str, ml_collections.ConfigDict] = {}
   try:
+    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    for name, spec in _config_file_specs(argv).items():
+      configs[name] = load_config_file(spec)
     rest = flags.FLAGS(argv)
     _quiet_library_logs()
     for name in flags.FLAGS:
-      value = flags.FLAGS[name].value
-      # config_flags defers a config file's load error until the config is first used.
-      if type(value).__name__ == '_ErrorConfig':
-        raise object.__getattribute__(value, '_error')
+      flag = flags.FLAGS[name]
+      # config_flags keeps a load error until the config is used; the check above makes one
+      # unlikely (the file would have to change in between), this makes it impossible.
+      if _is_config_flag(flag) and flag.value is not None and not isinstance(
+          flag.value, ml_collections.ConfigDict):
+        raise ConfigFileError(f'cannot load the config file '
+                              f'{config_flags.get_config_filename(flag)}: it changed while '
+                              f'being read')
     return rest
+  except ConfigFileError as e:
+    fail(f'error: {e}', EXIT_USAGE)
   except flags.Error as e:
     msg = str(e).strip().splitlines()[0]
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no field
-    msg = _unknown_field(e, argv)
+    msg = _unknown_field(e, argv, configs)
     if msg is None:
       raise
-  except OSError as e:  # config_flags: the config file is missing or unreadable
+  except OSError as e:  # config_flags: the config file vanished after the check
     msg = f'cannot load the config file: {str(e).strip().splitlines()[-1].strip()}'
   fail(f'error: {msg} (see --helpshort)', EXIT_USAGE)
 
@@ -214,6 +312,9 @@ def run_or_exit(fn: Callable[[], object]) -> object:
       print(f'stopped: {e}', flush=True)
     sys.exit(EXIT_PREEMPTED)
   except Exception as e:  # pylint: disable=broad-except
+    # A write the file system refuses anywhere (eval.json, a plot): one line, not a traceback.
+    if (write := workdir.as_write_error(e)) is not None:
+      fail(f'error: {write}', EXIT_USAGE)
     if jax.process_count() == 1:
       raise
     if not isinstance(e, jax.errors.JaxRuntimeError):  # Ours, not the runtime's: show where.

@@ -65,8 +65,24 @@ def _read_npz(f: str | BinaryIO, name: str) -> inference.Program:
     with np.load(f, allow_pickle=False) as z:
       data = {k: z[k] for k in z.files}
   except Exception as e:  # zipfile/numpy raise many types for damaged bytes
-    raise ArtifactError(f'{name}: not a readable packed weight file '
-                        f'({type(e).__name__}: {e})') from e
+    # numpy takes whatever is neither a zip nor .npy for a pickle and suggests loading it
+    # "unsafely": say what the file is instead, in one line.
+    try:
+      if isinstance(f, str):
+        with open(f, 'rb') as g:
+          head = g.read(len(EXPORT_MAGIC))
+      else:
+        f.seek(0)
+        head = f.read(len(EXPORT_MAGIC))
+    except OSError as read_error:
+      raise ArtifactError(f'{name}: cannot read it ({read_error.strerror or read_error})') from e
+    if head.startswith(EXPORT_MAGIC):
+      why = 'it is an exported model (.mfpx): read it with deploy.load_exported'
+    elif not head.startswith(b'PK'):
+      why = f'not an .npz (zip) file; it starts with {head[:8]!r}'
+    else:
+      why = f'a damaged .npz ({type(e).__name__}: {(str(e).strip().splitlines() or [""])[0]})'
+    raise ArtifactError(f'{name}: not a packed weight file: {why}') from e
   try:
     meta = json.loads(str(data.pop(_META_KEY)))
     if meta.get('format') != PACKED_FORMAT:

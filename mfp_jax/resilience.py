@@ -9,6 +9,12 @@ JAX's preemption service (started by ``jax.distributed.initialize``): a SIGTERM 
 is shared with the others, and ``reached_preemption_sync_point(step)`` becomes True on every
 process at one agreed step. SIGINT is turned into a SIGTERM to the same process so Ctrl-C takes
 that path too.
+
+Before the loop, ``train.py`` has its own first-line handler (exit 3 at once: nothing is saved
+yet); it marks it with ``before_training = True``. When the loop ends, :class:`StopRequest`
+does not put that one back (the loop has saved by then) but :func:`stop_after_loop`, which
+raises :class:`Preempted`: the ``finally`` blocks on the way out wait for the saves in flight,
+and the run exits 3.
 """
 
 from __future__ import annotations
@@ -28,6 +34,13 @@ class Preempted(Exception):
 
 class NonFiniteError(FloatingPointError):
   """The loss, a gradient or the parameters stopped being finite (``nan_policy = 'stop'``)."""
+
+
+def stop_after_loop(signum: int, frame: Any) -> None:
+  """Signal handler for after the training loop: raises :class:`Preempted`."""
+  del frame
+  raise Preempted(f'{signal.Signals(signum).name} after the training loop; the checkpoints '
+                  f'it saved are kept; rerun the same command to finish')
 
 
 @jax.jit
@@ -79,5 +92,5 @@ class StopRequest:
 
   def __exit__(self, *exc):
     for s, h in self._old.items():
-      signal.signal(s, h)
+      signal.signal(s, stop_after_loop if getattr(h, 'before_training', False) else h)
     self._old.clear()
