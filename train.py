@@ -8,11 +8,38 @@ a checkpoint and exit with status 3. Multi-host: add --coordinator_address/--num
 --process_id, or --distributed on a TPU VM or SLURM. Exit codes: see mfp_jax/cli.py.
 """
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
+import os
+import signal
+import sys
 
-from mfp_jax import cli
+
+def _stop_at_once(signum, frame):
+  """SIGTERM/SIGINT before training started: nothing is saved yet, so exit 3 now."""
+  del frame
+  name = signal.Signals(signum).name
+  print(f'stopped: {name} before training started; nothing to save', flush=True)
+  sys.stderr.flush()
+  workdir = sys.modules.get('mfp_jax.workdir')
+  if workdir is not None:  # Set-up had locked the workdir: leave no lock or empty dirs.
+    workdir.release_all()
+  os._exit(3)  # cli.EXIT_PREEMPTED, without importing it (that takes seconds).
+
+
+_stop_at_once.before_training = True  # resilience.StopRequest hands over after its loop.
+
+if __name__ == '__main__':  # First, before the imports that take seconds (JAX, Orbax).
+  signal.signal(signal.SIGTERM, _stop_at_once)
+  signal.signal(signal.SIGINT, _stop_at_once)
+
+from mfp_jax import runtime  # noqa: E402  (imports JAX, computes nothing)
+
+RUNTIME = runtime.configure()  # malloc and XLA:CPU flags, before JAX's backend starts
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from mfp_jax import cli  # noqa: E402
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
 flags.DEFINE_string('workdir', None, 'directory for checkpoints and logs')

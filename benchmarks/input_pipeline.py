@@ -112,7 +112,8 @@ def main(argv=None):
       root = pathlib.Path(tmp) / name
       write_data(name, root, args.examples)
       config = load_config(name)
-      config.data.data_dir = str(root)
+      if 'data_dir' in config.data:
+        config.data.data_dir = str(root)
       t0 = time.perf_counter()
       dataset = data_lib.create_dataset(config.data, T=config.model.T)
       prepare_s = time.perf_counter() - t0  # DVS: framing every recording into the cache

@@ -11,19 +11,10 @@ Train:
   python train.py --config configs/cifar100.py --workdir runs/cifar100
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import paper_recipe  # noqa: E402
+from configs import paper_recipe
 
 
 def get_config():
-  c = paper_recipe.recipe_config()
-  c.model.name = 'resnet19'
-  c.model.T = 4
-  c.data.name = 'cifar100'
-  c.data.data_dir = '~/tensorflow_datasets'
-  c.data.cutout = 8  # DeVries & Taylor's CIFAR100 hole size
-  return c
+  return paper_recipe.recipe_config(
+      'resnet19', 4, 'cifar100', data_dir='~/tensorflow_datasets',
+      cutout=8)  # DeVries & Taylor's CIFAR100 hole size

@@ -13,20 +13,10 @@ Train:
   python train.py --config configs/cifar10dvs.py --workdir runs/cifar10dvs
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import paper_recipe  # noqa: E402
+from configs import paper_recipe
 
 
 def get_config():
-  c = paper_recipe.recipe_config()
-  c.model.name = 'vggsnn'
-  c.model.T = 10
-  c.data.name = 'cifar10dvs'
-  c.data.data_dir = '~/data'
-  c.data.size = 48
-  c.data.split_seed = 0
-  return c
+  return paper_recipe.recipe_config(
+      'vggsnn', 10, 'cifar10dvs',
+      data_dir='~/data', size=48, split_seed=0)

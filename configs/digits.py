@@ -2,7 +2,8 @@
 
   python train.py --config configs/digits.py --workdir runs/digits
 
-No download: the data ship inside scikit-learn.
+No download: the data ship inside scikit-learn. About 60 s on 2 CPU cores; ~99.3% test
+accuracy (mean of 3 seeds, README "Results").
 """
 
 from mfp_jax import config_lib
@@ -10,19 +11,11 @@ from mfp_jax import config_lib
 
 def get_config():
   c = config_lib.base_config()
-  c.seed = 0
   c.num_epochs = 30
   c.log_every_steps = 10
-  c.model.name = 'digits_cnn'
-  c.model.T = 4
-  c.model.channels = (32, 64, 128)
-  c.model.weight_bits = 1
-  c.model.first_last_bits = 32
-  c.data.name = 'digits'
-  c.data.batch_size = 64
-  c.optim.name = 'adamw'
-  c.optim.learning_rate = 3e-3
-  c.optim.weight_decay = 1e-4
-  c.optim.warmup_epochs = 1.0
-  c.loss.name = 'per_step_ce'
+  # 1-bit hidden weights (QuantSpec's default), full-precision first conv and classifier.
+  c.model = config_lib.model_config('digits_cnn', T=4, channels=(32, 64, 128))
+  c.data = config_lib.data_config('digits', batch_size=64)
+  c.optim = config_lib.optim_config('adamw', learning_rate=3e-3, weight_decay=1e-4,
+                                    warmup_epochs=1.0)
   return c

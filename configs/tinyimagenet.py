@@ -13,18 +13,10 @@ The optimizer settings are the Q-SNN script defaults (paper_recipe.py); the pape
 separate Tiny-ImageNet settings.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import paper_recipe  # noqa: E402
+from configs import paper_recipe
 
 
 def get_config():
-  c = paper_recipe.recipe_config()
-  c.model.name = 'vgg16'
-  c.model.T = 4
-  c.data.name = 'tinyimagenet'
-  c.data.data_dir = '~/data'  # holds tiny-imagenet-200/
-  return c
+  return paper_recipe.recipe_config(
+      'vgg16', 4, 'tinyimagenet',
+      data_dir='~/data')  # holds tiny-imagenet-200/

@@ -38,31 +38,30 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+
+from flax import traverse_util
 
 from mfp_jax import config_lib
+from mfp_jax import data as data_lib
+from mfp_jax import folding
 from mfp_jax import layers
 from mfp_jax import models
+from mfp_jax import neuron_kinds
 
 HOROWITZ_45NM_PJ = {'fp32_add': 0.9, 'fp32_mult': 3.7}
 ENERGY_SOURCE = ('M. Horowitz, "Computing\'s energy problem (and what we can do about it)", '
                  'ISSCC 2014 (45 nm): 32-bit float add 0.9 pJ, multiply 3.7 pJ')
 ACE_MAX_BITS = 16  # the paper counts FP32 operations as BF16
 
-# One example's shape and the class count per data set, so a report needs no data on disk.
-_DATA_SPECS = {'digits': ((8, 8, 1), 10), 'cifar10': ((32, 32, 3), 10),
-               'cifar100': ((32, 32, 3), 100), 'tinyimagenet': ((64, 64, 3), 200)}
-
-
 def input_spec(config) -> tuple[tuple[int, ...], int]:
-  """``(input_shape, num_classes)`` of ``config.data`` without loading it."""
-  name = config.data.name
-  if name == 'cifar10dvs':
-    return (int(config.model.T), int(config.data.size), int(config.data.size), 2), 10
-  if name not in _DATA_SPECS:
-    raise config_lib.ConfigError(f'no input spec for data set {name!r}; known: '
-                     f'{sorted(_DATA_SPECS) + ["cifar10dvs"]}')
-  return _DATA_SPECS[name]
+  """``(input_shape, num_classes)`` of ``config.data`` without loading it (the registered
+  data set's :class:`~mfp_jax.data.DataSpec`)."""
+  try:
+    spec = data_lib.data_spec(config.data, T=int(config.model.T) if 'T' in config.model
+                              else None)
+  except (TypeError, ValueError) as e:
+    raise config_lib.ConfigError(f'no input spec for data set {config.data.name!r}: {e}') from e
+  return tuple(spec.input_shape), int(spec.num_classes)
 
 
 def trace_layers(model: nn.Module, input_shape: Sequence[int]
@@ -72,36 +71,26 @@ def trace_layers(model: nn.Module, input_shape: Sequence[int]
   Returns:
     ``(weights, neurons)``: weights have ``name``, ``kind`` (conv/dense), ``kernel``,
     ``in_shape``/``out_shape`` (batch 1; time-folded layers lead with ``T``), ``bits``,
-    ``bias``; neurons have ``name``, ``kind``, ``shape`` (``[T, 1, ...]``).
+    ``bias``; neurons have ``name``, ``kind``, ``shape`` (``[T, 1, ...]``) and ``params``
+    (their parameter count).
   """
-  weights: list[dict[str, Any]] = []
-  spiking: list[dict[str, Any]] = []
-  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    mod = context.module
-    if context.method_name != '__call__':
-      return out
-    name = '/'.join(mod.path)
-    if isinstance(mod, (layers.QConv, layers.QDense)):
-      weights.append({'name': name, 'kind': 'conv' if isinstance(mod, layers.QConv) else 'dense',
-                      'kernel': tuple(mod.variables['params']['kernel'].shape),
-                      'bias': 'bias' in mod.variables['params'],
-                      'in_shape': tuple(args[0].shape), 'out_shape': tuple(out.shape),
-                      'bits': int(mod.quant.bits)})
-    elif isinstance(mod, layers.SpikingNeuron):
-      spiking.append({'name': name, 'kind': mod.spec.kind, 'shape': tuple(out.shape)})
-    return out
-
-  def run(variables):
-    with nn.intercept_methods(record):
-      model.apply(variables, x)
-    return 0
-
-  variables = jax.eval_shape(lambda: models.init_variables(model, input_shape,
-                                                           jax.random.key(0)))
-  jax.eval_shape(run, variables)
+  root, _ = folding.trace_calls(model, input_shape)
+  abstract = jax.eval_shape(lambda: models.init_variables(model, input_shape,
+                                                          jax.random.key(0)))
+  params = traverse_util.flatten_dict(abstract['params'], sep='/')
+  weights, spiking = [], []
+  for c in folding.walk_calls(root):
+    if isinstance(c.module, (layers.QConv, layers.QDense)):
+      weights.append({'name': c.path,
+                      'kind': 'conv' if isinstance(c.module, layers.QConv) else 'dense',
+                      'kernel': tuple(params[f'{c.path}/kernel'].shape),
+                      'bias': f'{c.path}/bias' in params,
+                      'in_shape': tuple(c.inp.shape), 'out_shape': tuple(c.out.shape),
+                      'bits': int(c.module.quant.bits)})
+    elif isinstance(c.module, layers.SpikingNeuron):
+      own = [v for k, v in params.items() if k.startswith(f'{c.path}/')]
+      spiking.append({'name': c.path, 'kind': c.module.spec.kind, 'shape': tuple(c.out.shape),
+                      'params': int(sum(math.prod(v.shape) for v in own))})
   return weights, spiking
 
 
@@ -141,12 +130,12 @@ def _layer_record(w: dict[str, Any], T: int, s_bits: int, first: bool) -> dict[s
 
 def _neuron_record(n: dict[str, Any], T: int) -> dict[str, Any]:
   count = math.prod(n['shape'][2:])  # neurons per example (per time step)
-  kind = n['kind']
-  m_params = {'mfp': T * T, 'mfp_column': T}.get(kind, 0)
-  per_neuron = {'mfp': 4 * T, 'mfp_column': 4, 'lif': 4}.get(kind, 0)
-  return {'name': n['name'], 'kind': kind, 'neurons': count, 'm_params': m_params,
-          # the program stores M as float32 [T, T] for either MFP form
-          'deploy_bytes': 4 * T * T if kind in ('mfp', 'mfp_column') else 0,
+  kind = neuron_kinds.NEURONS.get(n['kind'])
+  per_neuron = kind.state_bytes(T)
+  linear = isinstance(kind, neuron_kinds.LinearNeuron)
+  return {'name': n['name'], 'kind': n['kind'], 'neurons': count, 'm_params': n['params'],
+          # the program stores M / vth as float32 [T, T] for every MFP-type kind
+          'deploy_bytes': 4 * T * T if linear else 0,
           'state_bytes_per_neuron': per_neuron, 'state_bytes': count * per_neuron,
           'firing_rate': None}
 
@@ -167,10 +156,11 @@ def build_report(model: nn.Module, input_shape: Sequence[int], *,
     dict with ``params``, ``deployable_bytes``, ``fp32_bytes``, ``sace``, ``nsace`` (None
     without rates), ``sops``, ``energy_pj``, ``state_bytes``, ``layers``, ``neurons``, ...
   """
-  T = int(model.T)
-  spiking = model.neuron.kind != 'relu'
-  s_bits = 1 if spiking else 32
   weights, spk = trace_layers(model, input_shape)
+  T = int(spk[0]['shape'][0]) if spk else 1
+  kinds = list(dict.fromkeys(n['kind'] for n in spk))
+  spiking = any(neuron_kinds.NEURONS.get(k).spiking for k in kinds)
+  s_bits = 1 if spiking else 32
   recs = [_layer_record(w, T, s_bits, i == 0) for i, w in enumerate(weights)]
   if recs and weights[-1]['kind'] == 'dense':
     recs[-1]['role'] = 'last'
@@ -184,13 +174,17 @@ def build_report(model: nn.Module, input_shape: Sequence[int], *,
       r['firing_rate'], r['nsace'] = fr, fr * r['sace']
       r['sops'] = fr * r['macs'] * T
   n_neurons = sum(r['neurons'] for r in nrecs)
-  mfp_kinds = {r['kind'] for r in nrecs} & {'mfp', 'mfp_column'}
+  mfp_kinds = [k for k in kinds if neuron_kinds.is_linear(k)]
+  bits = lambda roles: sorted({r['w_bits'] for r in recs if r['role'] in roles})
+  one = lambda v: v[0] if len(v) == 1 else v
   report = {
-      'model': type(model).__name__, 'neuron': model.neuron.kind, 'T': T,
-      'input_shape': list(input_shape), 'num_classes': int(model.num_classes),
+      'model': type(model).__name__, 'neuron': one(kinds) if kinds else None, 'T': T,
+      'input_shape': list(input_shape),
+      'num_classes': int(weights[-1]['out_shape'][-1]) if weights else None,
       'params': count_params(model, input_shape),
       'macs_per_step': sum(r['macs'] for r in recs),
-      'weight_bits': {'hidden': int(model.quant.bits), 'first_last': int(model.edge_quant.bits)},
+      'weight_bits': {'hidden': one(bits(('hidden',))), 'first_last': one(bits(('first',
+                                                                               'last')))},
       'spike_bits': s_bits,
       'deployable_bytes': sum(r['deploy_bytes'] for r in recs + nrecs),
       'fp32_bytes': sum(r['fp32_bytes'] for r in recs) + 4 * sum(r['m_params'] for r in nrecs),

@@ -1,185 +1,400 @@
-"""The one config schema every experiment starts from, and its validation.
+"""Experiment configs built from the registries, and their validation.
 
-``configs/<exp>.py`` calls :func:`base_config` and overrides fields; because the returned
-``ConfigDict`` is locked, a misspelt field is an error, not a silently ignored value.
-:func:`validate` checks every field at start-up (types, ranges, allowed names) and lists all
-problems in one message, before anything is compiled.
+A config is an ``ml_collections.ConfigDict`` with run fields (``seed``, ``num_epochs``, ...),
+``anneal`` and four sections. Each section names a registered builder and holds its keyword
+arguments, so a user's model, data set, loss or optimizer gets config fields without any edit
+here (big_vision's ``Model(**config.model)``):
+
+* ``model``: ``name`` + the model's constructor arguments (:func:`model_config`);
+* ``data``: ``name``, ``batch_size``, ``eval_batch_size`` + the loader's arguments;
+* ``optim``: ``name``, ``learning_rate``, ``schedule``, ``warmup_epochs``, ``grad_clip`` + the
+  optimizer builder's arguments;
+* ``loss``: ``name``, ``fr_lambda``, ``fr_target`` + the loss function's arguments.
+
+Every default is written once: builder arguments in the builder's signature, the shared
+fields in the tables below. :func:`validate` checks every field before anything is written
+or compiled and lists every problem in one message. ``None`` means "not set" (never ``0``);
+such fields are typed placeholders, so ``--config.x=3`` still works on the command line.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import math
+import typing
+from typing import Any, Callable, NamedTuple
+
 import ml_collections
+from ml_collections import config_dict
 
 from mfp_jax import data as data_lib
-from mfp_jax import layers
 from mfp_jax import losses
 from mfp_jax import models
-from mfp_jax import surrogate
+from mfp_jax import optim as optim_lib
 
 
 class ConfigError(ValueError):
   """A config field is wrong; the message names the field and what is allowed."""
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every field with its default. Experiments override; nothing else may be added."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.num_epochs = 10
-  c.stop_at_step = -1           # > 0: checkpoint and stop at this global step (time-boxed jobs)
-  c.log_every_steps = 20
-  c.eval_every_epochs = 1
-  c.checkpoint_every_steps = 0  # 0: checkpoint at the end of every epoch only
-  c.keep_checkpoints = 2
-  c.nan_policy = 'stop'         # 'stop': raise naming the step; 'skip': drop the update
-  c.progress = True
-
-  c.model = ml_collections.ConfigDict()
-  c.model.name = 'digits_cnn'
-  c.model.T = 4
-  c.model.weight_bits = 1       # hidden layers: 1, 2..16 (Eq. 4) or 32
-  c.model.first_last_bits = 32  # first conv and classifier: 32 or 8
-  c.model.binary_scale = 'pow2'
-  c.model.estimator = 'ste'
-  c.model.anneal_t_min = 0.1    # annealed estimator: log-uniform sharpness schedule
-  c.model.anneal_t_max = 10.0
-  c.model.channels = (32, 64, 128)  # digits_cnn only
-  c.model.neuron = ml_collections.ConfigDict()
-  c.model.neuron.kind = 'mfp'
-  c.model.neuron.vth = 1.0
-  c.model.neuron.surrogate = 'atan'
-  c.model.neuron.surrogate_alpha = 0.0  # 0: the surrogate's default
-  c.model.neuron.tau = 0.5
-  c.model.neuron.membrane_bits = 0      # LIF only; 0: float membrane
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = 'digits'
-  c.data.data_dir = ''
-  c.data.batch_size = 64        # global, over all devices and processes
-  c.data.eval_batch_size = 256
-  c.data.test_fraction = 0.25   # digits only
-  c.data.split_seed = 0         # digits and cifar10dvs: the fixed train/test split
-  c.data.cutout = 0             # cifar: Cutout hole side in pixels, 0 = off
-  c.data.size = 48              # cifar10dvs: frame side after resizing
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'sgd'
-  c.optim.learning_rate = 0.1
-  c.optim.momentum = 0.9
-  c.optim.weight_decay = 1e-4
-  c.optim.warmup_epochs = 0.0
-  c.optim.schedule = 'cosine'
-  c.optim.grad_clip = 0.0       # global-norm clip, 0 = off
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.name = 'per_step_ce'
-  c.loss.tet_lambda = 1e-3
-  c.loss.fr_lambda = 0.0
-  c.loss.fr_target = 0.5
-  return c
+class Field(NamedTuple):
+  """A shared field: its default, type and value rule."""
+  default: Any
+  type: type
+  check: Callable[[Any], bool] = lambda v: True
+  allowed: str = ''
 
 
-OPTIMIZERS = ('sgd', 'adamw')
-SCHEDULES = ('cosine', 'constant')
+def _finite(v) -> bool:
+  return math.isfinite(v)
+
+
 NAN_POLICIES = ('stop', 'skip')
+RESUME_POLICIES = ('refuse', 'allow_changes')
 
-# field -> (type, check, what is allowed); check() True means fine.
-_INT, _FLOAT, _STR = int, (int, float), str
+RUN_FIELDS = {
+    'seed': Field(0, int, lambda v: v >= 0, 'an integer >= 0'),
+    'num_epochs': Field(10, int, lambda v: v >= 1, 'an integer >= 1'),
+    'stop_at_step': Field(None, int, lambda v: v >= 1, 'None or an integer >= 1 (checkpoint '
+                          'and stop there: time-boxed jobs)'),
+    'log_every_steps': Field(20, int, lambda v: v >= 1, 'an integer >= 1'),
+    'eval_every_epochs': Field(1, int, lambda v: v >= 1, 'an integer >= 1'),
+    'checkpoint_every_steps': Field(None, int, lambda v: v >= 1, 'None (at the end of every '
+                                    'epoch only) or an integer >= 1'),
+    'keep_checkpoints': Field(2, int, lambda v: v >= 1, 'an integer >= 1'),
+    'nan_policy': Field('stop', str, lambda v: v in NAN_POLICIES, f'one of {list(NAN_POLICIES)}'),
+    'resume_policy': Field('refuse', str, lambda v: v in RESUME_POLICIES,
+                           f'one of {list(RESUME_POLICIES)}'),
+    'progress': Field(True, bool),
+}
+# The annealed 1-bit estimator's sharpness t grows log-uniformly over the run (Q-SNN Log_UP).
+ANNEAL_FIELDS = {
+    't_min': Field(0.1, float, lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    't_max': Field(10.0, float, lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+}
+DATA_FIELDS = {  # besides name; the rest of config.data goes to the loader
+    'batch_size': Field(64, int, lambda v: v >= 1, 'an integer >= 1 (global, over all devices)'),
+    'eval_batch_size': Field(256, int, lambda v: v >= 1, 'an integer >= 1'),
+}
+OPTIM_FIELDS = {  # besides name; the rest of config.optim goes to the builder
+    'learning_rate': Field(0.1, float, lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    'schedule': Field('cosine', str, lambda v: v in optim_lib.SCHEDULES,
+                      f'one of {list(optim_lib.SCHEDULES)}'),
+    'warmup_epochs': Field(0.0, float, lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),
+    'grad_clip': Field(None, float, lambda v: _finite(v) and v > 0,
+                       'None (off) or a finite number > 0 (global-norm clip)'),
+}
+LOSS_FIELDS = {  # besides name; the rest of config.loss goes to the loss function
+    'fr_lambda': Field(0.0, float, lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),
+    'fr_target': Field(0.5, float, lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
+}
+LOSS_ARGS = ('logits', 'labels', 'mask')  # a loss function's positional inputs, not fields
 
-
-def _rule(typ, check, allowed):
-  return typ, check, allowed
-
-
-_RULES = {
-    'seed': _rule(_INT, lambda v: v >= 0, 'an integer >= 0'),
-    'num_epochs': _rule(_INT, lambda v: v >= 1, 'an integer >= 1'),
-    'stop_at_step': _rule(_INT, lambda v: v == -1 or v >= 1, '-1 or an integer >= 1'),
-    'log_every_steps': _rule(_INT, lambda v: v >= 1, 'an integer >= 1'),
-    'eval_every_epochs': _rule(_INT, lambda v: v >= 1, 'an integer >= 1'),
-    'checkpoint_every_steps': _rule(_INT, lambda v: v >= 0, 'an integer >= 0'),
-    'keep_checkpoints': _rule(_INT, lambda v: v >= 1, 'an integer >= 1'),
-    'nan_policy': _rule(_STR, lambda v: v in NAN_POLICIES, f'one of {list(NAN_POLICIES)}'),
-    'progress': _rule(bool, lambda v: True, 'True or False'),
-    'model.name': _rule(_STR, lambda v: v in models.MODELS, f'one of {list(models.MODELS)}'),
-    'model.T': _rule(_INT, lambda v: 1 <= v <= 1024, 'an integer in [1, 1024]'),
-    'model.weight_bits': _rule(_INT, lambda v: v == 1 or 2 <= v <= 16 or v == 32,
-                               '1, 2..16 or 32'),
-    'model.first_last_bits': _rule(_INT, lambda v: v in (8, 32), '8 or 32'),
-    'model.binary_scale': _rule(_STR, lambda v: v in layers.BINARY_SCALES,
-                                f'one of {list(layers.BINARY_SCALES)}'),
-    'model.estimator': _rule(_STR, lambda v: v in layers.ESTIMATORS,
-                             f'one of {list(layers.ESTIMATORS)}'),
-    'model.anneal_t_min': _rule(_FLOAT, lambda v: v > 0, 'a number > 0'),
-    'model.anneal_t_max': _rule(_FLOAT, lambda v: v > 0, 'a number > 0'),
-    'model.channels': _rule((tuple, list), lambda v: len(v) >= 1 and all(
-        isinstance(c, int) and c >= 1 for c in v), 'a non-empty tuple of positive ints'),
-    'model.neuron.kind': _rule(_STR, lambda v: v in layers.NEURONS,
-                               f'one of {list(layers.NEURONS)}'),
-    'model.neuron.vth': _rule(_FLOAT, lambda v: v > 0, 'a number > 0'),
-    'model.neuron.surrogate': _rule(_STR, lambda v: v in surrogate.SURROGATES,
-                                    f'one of {sorted(surrogate.SURROGATES)}'),
-    'model.neuron.surrogate_alpha': _rule(_FLOAT, lambda v: v >= 0,
-                                          'a number >= 0 (0: the default)'),
-    'model.neuron.tau': _rule(_FLOAT, lambda v: 0 < v <= 1, 'a number in (0, 1]'),
-    'model.neuron.membrane_bits': _rule(_INT, lambda v: 0 <= v <= 16,
-                                        'an integer in [0, 16] (0: float)'),
-    'data.name': _rule(_STR, lambda v: v in data_lib.DATASETS,
-                       f'one of {list(data_lib.DATASETS)}'),
-    'data.data_dir': _rule(_STR, lambda v: True, 'a path'),
-    'data.batch_size': _rule(_INT, lambda v: v >= 1, 'an integer >= 1'),
-    'data.eval_batch_size': _rule(_INT, lambda v: v >= 1, 'an integer >= 1'),
-    'data.test_fraction': _rule(_FLOAT, lambda v: 0 < v < 1, 'a number in (0, 1)'),
-    'data.split_seed': _rule(_INT, lambda v: v >= 0, 'an integer >= 0'),
-    'data.cutout': _rule(_INT, lambda v: v >= 0, 'an integer >= 0'),
-    'data.size': _rule(_INT, lambda v: 8 <= v <= 128, 'an integer in [8, 128]'),
-    'optim.name': _rule(_STR, lambda v: v in OPTIMIZERS, f'one of {list(OPTIMIZERS)}'),
-    'optim.learning_rate': _rule(_FLOAT, lambda v: v > 0, 'a number > 0'),
-    'optim.momentum': _rule(_FLOAT, lambda v: 0 <= v < 1, 'a number in [0, 1)'),
-    'optim.weight_decay': _rule(_FLOAT, lambda v: v >= 0, 'a number >= 0'),
-    'optim.warmup_epochs': _rule(_FLOAT, lambda v: v >= 0, 'a number >= 0'),
-    'optim.schedule': _rule(_STR, lambda v: v in SCHEDULES, f'one of {list(SCHEDULES)}'),
-    'optim.grad_clip': _rule(_FLOAT, lambda v: v >= 0, 'a number >= 0 (0: off)'),
-    'loss.name': _rule(_STR, lambda v: v in losses.LOSSES, f'one of {list(losses.LOSSES)}'),
-    'loss.tet_lambda': _rule(_FLOAT, lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
-    'loss.fr_lambda': _rule(_FLOAT, lambda v: v >= 0, 'a number >= 0'),
-    'loss.fr_target': _rule(_FLOAT, lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
+# section -> (registry, shared fields, builder arguments that are not config fields)
+SECTIONS = {
+    'model': (models.MODELS, {}, ('num_classes', 'parent', 'name')),
+    'data': (data_lib.DATASETS, DATA_FIELDS, ('T',)),
+    'optim': (optim_lib.OPTIMIZERS, OPTIM_FIELDS, ('learning_rate',)),
+    'loss': (losses.LOSSES, LOSS_FIELDS, LOSS_ARGS),
 }
 
 
-def _flatten(cfg, prefix=''):
-  for k, v in cfg.items():
-    name = f'{prefix}{k}'
-    if isinstance(v, ml_collections.ConfigDict):
-      yield from _flatten(v, name + '.')
+# --- Fields from a builder's signature ---------------------------------------------------------
+
+
+def _target(builder: Any) -> Callable:
+  """The callable whose signature gives a section's fields (a data set's loader)."""
+  return builder.load if isinstance(builder, data_lib.DatasetEntry) else builder
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+  try:
+    return typing.get_type_hints(fn)
+  except Exception:  # a user's annotation that does not resolve: fall back to the defaults
+    return {}
+
+
+def _value_type(hint: Any, default: Any) -> Any:
+  """The type a field's values must have (None allowed when the default is None)."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if default is None and len(args) == 1:
+    hint = args[0]
+  origin = typing.get_origin(hint) or hint
+  if origin in (int, float, str, bool):
+    return origin
+  if isinstance(origin, type) and dataclasses.is_dataclass(origin):
+    return origin
+  if default is not None:
+    return type(default)
+  return object
+
+
+def signature_fields(builder: Any, skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+  """``name -> (default or inspect.Parameter.empty, value type)`` of a builder's keyword
+  arguments (a Flax module's dataclass fields, a function's parameters)."""
+  fn = _target(builder)
+  hints = _hints(fn.__init__ if isinstance(fn, type) and not dataclasses.is_dataclass(fn)
+                 else fn)
+  out = {}
+  for p in inspect.signature(fn).parameters.values():
+    if p.name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+      continue
+    default = p.default
+    out[p.name] = (default, _value_type(hints.get(p.name), None if default is p.empty
+                                        else default))
+  return out
+
+
+def _as_config_value(default: Any, typ: Any) -> Any:
+  """A builder default as a ConfigDict value: dataclasses become sections, ``None`` a typed
+  placeholder (overridable from the command line)."""
+  if dataclasses.is_dataclass(default) and not isinstance(default, type):
+    return section_from_dataclass(default)
+  if default is None:
+    return config_dict.placeholder(typ) if typ in (int, float, str, bool) else None
+  if isinstance(default, list):
+    return tuple(default)
+  return default
+
+
+def section_from_dataclass(obj: Any) -> ml_collections.ConfigDict:
+  """The fields of a dataclass instance (e.g. a ``NeuronSpec``) as a ConfigDict."""
+  hints = _hints(type(obj))
+  return ml_collections.ConfigDict({
+      f.name: _as_config_value(getattr(obj, f.name),
+                               _value_type(hints.get(f.name), getattr(obj, f.name)))
+      for f in dataclasses.fields(obj)})
+
+
+def _section(kind: str, name: str, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  registry, shared, skip = SECTIONS[kind]
+  fields = signature_fields(registry.get(name), skip)
+  c = ml_collections.ConfigDict({'name': name})
+  for k, f in shared.items():
+    c[k] = _as_config_value(f.default, f.type)
+  for k, (default, typ) in fields.items():
+    if default is not inspect.Parameter.empty:
+      c[k] = _as_config_value(default, typ)
+  unknown = sorted(set(overrides) - set(fields) - set(shared))
+  if unknown:
+    raise ConfigError(f'{kind} {name!r} has no field(s) {unknown}; its fields are: '
+                      f'{", ".join(sorted(set(fields) | set(shared)))}')
+  for k, v in overrides.items():
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+      v = section_from_dataclass(v)
+    if isinstance(v, dict) and isinstance(c.get(k), ml_collections.ConfigDict):
+      c[k].update(v)
     else:
-      yield name, v
+      c[k] = tuple(v) if isinstance(v, list) else v
+  return c
+
+
+def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``config.model`` for the registered model ``name``: every constructor argument with its
+  default, then ``overrides`` (a dict updates a nested section such as ``neuron``)."""
+  return _section('model', name, overrides)
+
+
+def data_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``config.data`` for the registered data set ``name`` (loader arguments + batch sizes)."""
+  return _section('data', name, overrides)
+
+
+def optim_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``config.optim`` for the registered optimizer ``name`` (schedule + builder arguments)."""
+  return _section('optim', name, overrides)
+
+
+def loss_config(name: str, **overrides) -> ml_collections.ConfigDict:
+  """``config.loss`` for the registered loss ``name`` (firing-rate term + its arguments)."""
+  return _section('loss', name, overrides)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The defaults every experiment starts from: the digits net on the embedded digits."""
+  c = ml_collections.ConfigDict({k: _as_config_value(f.default, f.type)
+                                 for k, f in RUN_FIELDS.items()})
+  c.anneal = ml_collections.ConfigDict({k: f.default for k, f in ANNEAL_FIELDS.items()})
+  c.model = model_config('digits_cnn')
+  c.data = data_config('digits')
+  c.optim = optim_config('sgd')
+  c.loss = loss_config('per_step_ce')
+  return c
+
+
+def _plain(v: Any) -> Any:
+  return v.to_dict() if isinstance(v, ml_collections.ConfigDict) else v
+
+
+def _other_builders_default(kind: str, name: str, field: str, value: Any) -> bool:
+  """Whether ``field`` is a keyword argument of another registered builder of ``kind`` and
+  ``value`` is its default there: a section switched to ``name`` from the command line
+  (``--config.optim.name=sgd`` on an AdamW config) still holds it, and it means nothing."""
+  registry, _, skip = SECTIONS[kind]
+  for other in registry:
+    if other == name:
+      continue
+    default = signature_fields(registry.get(other), skip).get(field, (inspect.Parameter.empty,))[0]
+    if default is not inspect.Parameter.empty and _plain(_as_config_value(default, object)) \
+        == _plain(value):
+      return True
+  return False
+
+
+def builder_kwargs(builder: Any, section: Any, *, skip: tuple[str, ...] = (),
+                   kind: str | None = None) -> dict[str, Any]:
+  """A builder's keyword arguments from a config section: nested sections become the
+  dataclasses the builder's defaults are (``neuron`` -> ``NeuronSpec``), lists tuples.
+
+  ``name`` and ``skip`` are left out; with ``kind`` (a section of :data:`SECTIONS`), so are
+  fields the builder does not take that another builder of that section takes, at its
+  default (see :func:`validate`)."""
+  fields = signature_fields(builder)
+  kwargs = {}
+  for k, v in section.items():
+    if k in skip or k == 'name':
+      continue
+    if k not in fields and kind and _other_builders_default(kind, section.name, k, v):
+      continue
+    default = fields[k][0] if k in fields else None
+    if isinstance(v, ml_collections.ConfigDict) and dataclasses.is_dataclass(default):
+      v = type(default)(**v.to_dict())
+    elif isinstance(v, list):
+      v = tuple(v)
+    kwargs[k] = v
+  return kwargs
+
+
+def build(builder: Any, section: Any, *args, skip: tuple[str, ...] = (),
+          kind: str | None = None, **extra):
+  """``builder(*args, **builder_kwargs(builder, section, ...), **extra)``."""
+  return _target(builder)(*args, **builder_kwargs(builder, section, skip=skip, kind=kind),
+                          **extra)
+
+
+# --- Validation --------------------------------------------------------------------------------
+
+_TYPE_TEXT = {int: 'an integer', float: 'a number', str: 'a string', bool: 'True or False',
+              tuple: 'a tuple'}
+
+
+def _type_ok(value: Any, typ: Any) -> bool:
+  if typ is object:
+    return True
+  if isinstance(value, bool) and typ is not bool:
+    return False
+  if typ is float:
+    return isinstance(value, (int, float))
+  if typ in (tuple, list):
+    return isinstance(value, (tuple, list))
+  return isinstance(value, typ)
+
+
+def _check(path: str, value: Any, typ: Any, default: Any, check=None, allowed: str = ''):
+  """Problems of one field (a list of messages)."""
+  if value is None and default is None:
+    return []
+  if dataclasses.is_dataclass(typ):
+    return _check_dataclass(path, value, typ)
+  what = allowed or _TYPE_TEXT.get(typ, f'a {getattr(typ, "__name__", typ)}')
+  if default is None and not allowed:
+    what = f'None or {what}'
+  if not _type_ok(value, typ) or (check is not None and not check(value)):
+    return [f'config.{path} = {value!r}: must be {what}']
+  return []
+
+
+def _check_dataclass(path: str, value: Any, typ: Any) -> list[str]:
+  if not isinstance(value, (ml_collections.ConfigDict, dict)):
+    return [f'config.{path} = {value!r}: must be a section with the fields of {typ.__name__}']
+  hints = _hints(typ)
+  fields = {f.name: f for f in dataclasses.fields(typ)}
+  errors = [f'unknown field config.{path}.{k} ({typ.__name__} has: {", ".join(fields)})'
+            for k in value if k not in fields]
+  for k, v in value.items():
+    if k in fields:
+      d = fields[k].default
+      errors += _check(f'{path}.{k}', v, _value_type(hints.get(k), d), d)
+  if errors:
+    return errors
+  obj = typ(**dict(value))
+  return [f'config.{path}.{k} = {getattr(obj, k.split(".")[0])!r}: must be {allowed}'
+          for k, allowed in (obj.problems() if hasattr(obj, 'problems') else [])]
+
+
+def _check_shared(prefix: str, section: Any, fields: dict[str, Field]) -> list[str]:
+  errors = []
+  for k, f in fields.items():
+    if k not in section:
+      errors.append(f'missing field config.{prefix}{k}')
+    else:
+      errors += _check(prefix + k, section[k], f.type, f.default, f.check, f.allowed)
+  return errors
+
+
+def _check_section(kind: str, section: Any) -> list[str]:
+  registry, shared, skip = SECTIONS[kind]
+  if not isinstance(section, ml_collections.ConfigDict):
+    return [f'config.{kind} must be a section (e.g. config_lib.{kind}_config(name))']
+  name = section.get('name')
+  if name not in registry:
+    return [f'config.{kind}.name = {name!r}: must be one of {registry.names()}']
+  errors = _check_shared(f'{kind}.', section, shared)
+  fields = signature_fields(registry.get(name), skip)
+  for k, v in section.items():
+    if k == 'name' or k in shared:
+      continue
+    if k not in fields and _other_builders_default(kind, name, k, v):
+      continue  # another builder's field at its default: a section switched by name
+    if k not in fields:
+      errors.append(f'unknown field config.{kind}.{k} ({registry.kind} {name!r} takes: '
+                    f'{", ".join(sorted(set(fields) | set(shared))) or "nothing"})')
+      continue
+    default, typ = fields[k]
+    errors += _check(f'{kind}.{k}', v, typ, None if default is inspect.Parameter.empty
+                     else default)
+  errors += [f'missing field config.{kind}.{k} (required by {registry.kind} {name!r})'
+             for k, (d, _) in fields.items() if d is inspect.Parameter.empty and k not in section]
+  hook = getattr(_target(registry.get(name)), 'config_problems', None)
+  if hook is not None:
+    try:
+      kwargs = {k: (typ(**section[k].to_dict()) if dataclasses.is_dataclass(typ)
+                    else section[k]) for k, (_, typ) in fields.items() if k in section}
+    except TypeError:  # a nested section with unknown fields: reported above
+      return errors
+    errors += [f'config.{kind}.{k} = {_get(section, k)!r}: must be {allowed}'
+               for k, allowed in hook(kwargs)]
+  return errors
+
+
+def _get(section: Any, dotted: str) -> Any:
+  for part in dotted.split('.'):
+    section = section[part]
+  return section
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
   """Checks every field; raises :class:`ConfigError` listing every problem at once.
 
-  Also rejects fields that :func:`base_config` does not define (a config file that built its
-  own ``ConfigDict`` cannot smuggle in a typo).
+  Types come from the builders' signatures and the shared tables, values from the rules
+  there and from each object's ``problems()`` / ``config_problems()``. Fields that neither
+  defines are refused (a config file cannot smuggle in a typo).
   """
-  errors = []
-  seen = set()
-  for name, value in _flatten(cfg):
-    seen.add(name)
-    if name not in _RULES:
-      errors.append(f'unknown field config.{name}')
-      continue
-    typ, check, allowed = _RULES[name]
-    ok_type = isinstance(value, typ) and not (isinstance(value, bool) and typ is not bool)
-    if not ok_type or not check(value):
-      errors.append(f'config.{name} = {value!r}: must be {allowed}')
-  errors += [f'missing field config.{n}' for n in sorted(set(_RULES) - seen)]
-  if not errors and cfg.model.anneal_t_min > cfg.model.anneal_t_max:
-    errors.append('config.model.anneal_t_min must be <= config.model.anneal_t_max')
-  if not errors and cfg.model.neuron.membrane_bits and cfg.model.neuron.kind != 'lif':
-    errors.append('config.model.neuron.membrane_bits is for kind = lif (MFP keeps no membrane)')
-  if not errors and cfg.data.name == 'digits' and cfg.model.name != 'digits_cnn':
-    errors.append(f'data digits (8x8) needs model digits_cnn, got {cfg.model.name!r}')
+  known = set(RUN_FIELDS) | set(SECTIONS) | {'anneal'}
+  errors = [f'unknown field config.{k}' for k in cfg if k not in known]
+  errors += _check_shared('', cfg, RUN_FIELDS)
+  anneal = cfg.get('anneal')
+  if isinstance(anneal, ml_collections.ConfigDict):
+    errors += [f'unknown field config.anneal.{k}' for k in anneal if k not in ANNEAL_FIELDS]
+    errors += _check_shared('anneal.', anneal, ANNEAL_FIELDS)
+    if not errors and anneal.t_min > anneal.t_max:
+      errors.append('config.anneal.t_min must be <= config.anneal.t_max')
+  else:
+    errors.append('missing section config.anneal')
+  for kind in SECTIONS:
+    errors += _check_section(kind, cfg.get(kind)) if kind in cfg else [
+        f'missing section config.{kind}']
   if errors:
     raise ConfigError('invalid config:\n  ' + '\n  '.join(errors))
 
@@ -190,4 +405,5 @@ def check_devices(cfg: ml_collections.ConfigDict, num_devices: int, num_processe
     b = cfg.data[field]
     if b % num_devices:
       raise ConfigError(f'config.data.{field} = {b} must be divisible by the {num_devices} '
-                        f'devices ({num_processes} processes); e.g. {max(1, b // num_devices) * num_devices}')
+                        f'devices ({num_processes} processes); e.g. '
+                        f'{max(1, b // num_devices) * num_devices}')

@@ -7,16 +7,27 @@ on ``(seed, epoch)``, reads only this process's shard, and pads the last eval ba
 mask so every test example is counted exactly once.
 
 Model input layout: static images ``[B, H, W, C]`` (the model repeats them over ``T``);
-event frames ``[B, T, H, W, C]`` (the model moves ``T`` to the front).
+event frames ``[B, T, H, W, C]`` and sequences ``[B, T, F]`` (the model moves ``T`` to the
+front).
+
+Data sets are registered by name (:func:`register_dataset`) with a loader and a
+:class:`DataSpec` (one example's shape and the class count, known without reading any data,
+so a cost report needs no data on disk). A config's ``data`` section holds ``name``,
+``batch_size``, ``eval_batch_size`` and the loader's keyword arguments; a loader that takes
+``T`` gets the model's. Or skip the registry: ``train_lib.train_and_evaluate(config, workdir,
+dataset=Dataset(...))`` trains on any :class:`Dataset`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
+
+from mfp_jax import registry
 
 
 class DataNotFoundError(RuntimeError):
@@ -60,7 +71,8 @@ class Dataset:
     name: registry name.
     num_classes: label range ``[0, num_classes)``.
     train, test: sources of raw examples.
-    input_shape: one preprocessed example, ``(H, W, C)`` or ``(T, H, W, C)``.
+    input_shape: one preprocessed example: ``(H, W, C)`` images, ``(T, H, W, C)`` event
+      frames or ``(T, F)`` sequences.
     preprocess: raw batch -> float32 batch with ``input_shape`` per example.
     augment: preprocessed train batch + generator -> augmented batch (train split only).
   """
@@ -74,8 +86,20 @@ class Dataset:
 
   @property
   def is_sequence(self) -> bool:
-    """True for event frames ``[T, H, W, C]`` (no repetition over time needed)."""
-    return len(self.input_shape) == 4
+    """True when an example has its own time axis first (event frames ``(T, H, W, C)``,
+    sequences ``(T, F)``): the model's ``T`` must match it (no repetition over time)."""
+    return len(self.input_shape) in (2, 4)
+
+  @property
+  def spec(self) -> DataSpec:
+    return DataSpec(tuple(self.input_shape), int(self.num_classes))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What a model needs to know of a data set before any data is read."""
+  input_shape: tuple[int, ...]  # one preprocessed example
+  num_classes: int
 
 
 def shard_indices(n: int, process_index: int, process_count: int) -> np.ndarray:
@@ -172,42 +196,78 @@ def load_digits(*, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
   )
 
 
-DATASETS = ('digits', 'cifar10', 'cifar100', 'tinyimagenet', 'cifar10dvs')
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+  """A registered data set: ``load(**kwargs) -> Dataset`` and ``spec``, a :class:`DataSpec`
+  or ``spec(**kwargs) -> DataSpec`` taking (a subset of) the same keyword arguments."""
+  load: Callable[..., Dataset]
+  spec: DataSpec | Callable[..., DataSpec]
 
 
-def create_dataset(cfg, *, T: int) -> Dataset:
-  """Builds the data set named ``cfg.name`` from a config's ``data`` section.
+DATASETS: registry.Registry[DatasetEntry] = registry.Registry('data set')
+SHARED_FIELDS = ('name', 'batch_size', 'eval_batch_size')  # config.data fields not the loader's
+
+
+def register_dataset(name: str, load: Callable[..., Dataset] | None = None, *,
+                     spec: DataSpec | Callable[..., DataSpec]):
+  """Registers a data set (direct call or decorator on ``load``); refuses a taken name.
 
   Args:
-    cfg: ``ml_collections.ConfigDict`` with at least ``name`` (one of ``DATASETS``) and, for
-      the real data sets, ``data_dir``.
+    name: the ``config.data.name`` that selects it.
+    load: ``load(**kwargs) -> Dataset``; its keyword arguments are the config's data fields
+      (a ``T`` argument receives ``config.model.T``).
+    spec: the :class:`DataSpec`, or a function of (some of) ``load``'s keyword arguments.
+  """
+  if load is None:
+    return lambda fn: register_dataset(name, fn, spec=spec)
+  DATASETS.register(name, DatasetEntry(load, spec))
+  return load
+
+
+def _call_with(fn: Callable, kwargs: dict[str, Any]) -> Any:
+  """``fn(**kwargs)`` with only the keyword arguments ``fn`` names."""
+  names = inspect.signature(fn).parameters
+  return fn(**{k: v for k, v in kwargs.items() if k in names})
+
+
+def loader_kwargs(cfg, T: int | None) -> dict[str, Any]:
+  """The loader's keyword arguments from a config's ``data`` section (``~`` expanded)."""
+  from mfp_jax import config_lib  # Deferred: config_lib reads this module's registry.
+  entry = DATASETS.get(cfg.name)
+  kwargs = config_lib.builder_kwargs(entry, cfg, skip=SHARED_FIELDS, kind='data')
+  if isinstance(kwargs.get('data_dir'), str):
+    kwargs['data_dir'] = os.path.expanduser(kwargs['data_dir'])
+  if T is not None and 'T' in inspect.signature(entry.load).parameters:
+    kwargs['T'] = T
+  return kwargs
+
+
+def data_spec(cfg, *, T: int | None = None) -> DataSpec:
+  """One example's shape and the class count of ``cfg.name`` without reading any data."""
+  spec = DATASETS.get(cfg.name).spec
+  return spec if isinstance(spec, DataSpec) else _call_with(spec, loader_kwargs(cfg, T))
+
+
+def create_dataset(cfg, *, T: int | None = None) -> Dataset:
+  """Builds the registered data set ``cfg.name`` from a config's ``data`` section.
+
+  Args:
+    cfg: ``name`` (a registered data set) and the loader's keyword arguments; the shared
+      ``batch_size`` / ``eval_batch_size`` fields are ignored here.
     T: time steps of the model (event data sets bin their events into ``T`` frames).
 
   Raises:
     ValueError: unknown name.
-    DataNotFoundError: the files are missing; the message names the place and the fix.
+    DataNotFoundError: the files are missing or an (empty) split has no examples; the message
+      names the place and the fix.
   """
-  dataset = _create(cfg, T)
+  entry = DATASETS.get(cfg.name)
+  dataset = entry.load(**loader_kwargs(cfg, T))
   for split in ('train', 'test'):
     if len(getattr(dataset, split)) == 0:
       raise DataNotFoundError(f'{dataset.name}: the {split} split under '
-                              f'{cfg.data_dir or "(embedded)"} is empty')
+                              f'{cfg.get("data_dir") or "(embedded)"} is empty')
   return dataset
 
 
-def _create(cfg, T: int) -> Dataset:
-  name = cfg.name
-  if name == 'digits':
-    return load_digits(test_fraction=cfg.get('test_fraction', 0.25),
-                       split_seed=cfg.get('split_seed', 0))
-  # Deferred imports: the real loaders pull in tensorflow-datasets, PIL and tonic.
-  from mfp_jax import data_sources
-  data_dir = os.path.expanduser(cfg.data_dir)
-  if name in ('cifar10', 'cifar100'):
-    return data_sources.load_cifar(name, data_dir, cutout=cfg.get('cutout', 0))
-  if name == 'tinyimagenet':
-    return data_sources.load_tinyimagenet(data_dir)
-  if name == 'cifar10dvs':
-    return data_sources.load_cifar10dvs(data_dir, T=T, size=cfg.get('size', 48),
-                                        split_seed=cfg.get('split_seed', 0))
-  raise ValueError(f'unknown data set {name!r}; allowed: {list(DATASETS)}')
+register_dataset('digits', load_digits, spec=DataSpec((8, 8, 1), 10))

@@ -12,7 +12,6 @@ by the ``np.random.Generator`` it is given, so batches are reproducible.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import functools
 import glob
@@ -24,78 +23,21 @@ from typing import Sequence
 
 import numpy as np
 
-from mfp_jax.data import Dataset, DataNotFoundError
+from mfp_jax import transforms
+from mfp_jax.data import Dataset, DataNotFoundError, DataSpec, register_dataset
+# Re-exported: the transforms lived here first.
+from mfp_jax.tinyimagenet import ImageFileSource, load_tinyimagenet
+from mfp_jax.transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
+                                IMAGENET_MEAN, IMAGENET_STD, cutout, flip_roll,
+                                normalize_images, random_crop_flip)
 
 _log = logging.getLogger(__name__)
-
-# --- Shared numpy transforms -----------------------------------------------------------------
-
-# Per-channel pixel mean / std of the training sets, on [0, 1] pixels. CIFAR: the per-channel
-# statistics of the 50k training images (note: the often-copied CIFAR10 std 0.2023/0.1994/0.2010
-# is the mean of per-image stds, not the pixel std). ImageNet: the torchvision constants, used
-# for Tiny-ImageNet as is customary.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize_images(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8 ``[B, H, W, C]`` -> float32 ``[B, H, W, C]``: ``(x / 255 - mean) / std`` per channel."""
-  x = x.astype(np.float32) / 255.0
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def random_crop_flip(x: np.ndarray, rng: np.random.Generator, *, pad: int = 4) -> np.ndarray:
-  """Zero-padded random crop back to ``H x W`` plus a horizontal flip with probability 1/2.
-
-  Applied after normalization, so the zero padding is the data set's mean colour.
-
-  Args:
-    x: ``[B, H, W, C]``.
-    rng: draws ``B`` row offsets, ``B`` column offsets, ``B`` flips, in that order.
-    pad: padding on every side (the largest shift).
-
-  Returns:
-    ``[B, H, W, C]``, dtype of ``x``.
-  """
-  b, h, w = x.shape[:3]
-  oy = rng.integers(0, 2 * pad + 1, b)
-  ox = rng.integers(0, 2 * pad + 1, b)
-  flip = rng.random(b) < 0.5
-  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  rows = oy[:, None] + np.arange(h)  # [B, H]
-  cols = ox[:, None] + np.arange(w)  # [B, W]
-  # A flip is a reversed column index list, so crop and flip are one gather.
-  cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  out = np.take_along_axis(xp, rows[:, :, None, None], axis=1)
-  return np.take_along_axis(out, cols[:, None, :, None], axis=2)
-
-
-def cutout(x: np.ndarray, rng: np.random.Generator, *, size: int) -> np.ndarray:
-  """Cutout (DeVries & Taylor 2017, arXiv:1708.04552): one ``size x size`` hole per image.
-
-  ``x: [B, H, W, C]`` -> same shape and dtype. The centre is uniform over the image, so the hole
-  may be clipped at the border (as in the paper); it is set to 0, the mean of normalized data.
-  ``rng`` draws ``B`` centre rows, then ``B`` centre columns.
-  """
-  b, h, w = x.shape[:3]
-  cy = rng.integers(0, h, b)[:, None]
-  cx = rng.integers(0, w, b)[:, None]
-  ys, xs = np.arange(h)[None], np.arange(w)[None]
-  in_y = (ys >= cy - size // 2) & (ys < cy - size // 2 + size)  # [B, H]
-  in_x = (xs >= cx - size // 2) & (xs < cx - size // 2 + size)  # [B, W]
-  hole = in_y[:, :, None] & in_x[:, None, :]
-  return np.where(hole[..., None], np.zeros((), x.dtype), x)
-
-
-def _augment_image(x: np.ndarray, rng: np.random.Generator, *, pad: int,
-                   cutout_size: int) -> np.ndarray:
-  x = random_crop_flip(x, rng, pad=pad)
-  return cutout(x, rng, size=cutout_size) if cutout_size > 0 else x
-
+# The transforms and the Tiny-ImageNet loader lived here first; their names stay importable.
+__all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'DVS_CLASSES',
+           'FrameSource', 'IMAGENET_MEAN', 'IMAGENET_STD', 'ImageFileSource', 'TfdsSource',
+           'area_resize_matrix', 'check_cifar_files', 'cutout', 'events_to_frames', 'flip_roll',
+           'load_cifar', 'load_cifar10dvs', 'load_tinyimagenet', 'normalize_images',
+           'prepare_cifar', 'random_crop_flip', 'split_per_class']
 
 # --- CIFAR10 / CIFAR100 through tfds array_record files ---------------------------------------
 
@@ -207,7 +149,7 @@ def load_cifar(name: str, data_dir: str, *, cutout: int = 0) -> Dataset:
   return Dataset(
       name=name, num_classes=num_classes, train=train, test=test, input_shape=(32, 32, 3),
       preprocess=functools.partial(normalize_images, mean=mean, std=std),
-      augment=functools.partial(_augment_image, pad=4, cutout_size=cutout))
+      augment=functools.partial(transforms.augment_image, pad=4, cutout_size=cutout))
 
 
 def prepare_cifar(name: str, data_dir: str) -> str:
@@ -229,104 +171,6 @@ def prepare_cifar(name: str, data_dir: str) -> str:
 
   tfds.builder(name, data_dir=data_dir).download_and_prepare(file_format='array_record')
   return check_cifar_files(name, data_dir)
-
-
-# --- Tiny-ImageNet-200 from its unzipped folder -----------------------------------------------
-
-
-class ImageFileSource:
-  """A :class:`~mfp_jax.data.Source` over image files, decoded with PIL per batch."""
-
-  def __init__(self, paths: Sequence[str], labels: np.ndarray, size: int):
-    self.paths = list(paths)
-    self.labels = np.asarray(labels, np.int32)
-    self.size = size
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def _read(self, path: str) -> np.ndarray:
-    from PIL import Image  # Deferred: only the image-folder data sets need PIL.
-
-    with Image.open(path) as im:
-      im = im.convert('RGB')  # Tiny-ImageNet has some greyscale JPEGs.
-      if im.size != (self.size, self.size):
-        im = im.resize((self.size, self.size), Image.BILINEAR)
-      return np.asarray(im, np.uint8)
-
-  def get_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images ``[B, size, size, 3]`` and int32 labels ``[B]``."""
-    images = np.stack([self._read(self.paths[int(i)]) for i in indices])
-    return images, self.labels[np.asarray(indices)]
-
-
-def load_tinyimagenet(data_dir: str) -> Dataset:
-  """Tiny-ImageNet-200 from the standard folder, ``data_dir`` or ``data_dir/tiny-imagenet-200``.
-
-  Layout: ``wnids.txt``; ``train/<wnid>/images/*.JPEG``; ``val/images/*.JPEG`` with
-  ``val/val_annotations.txt`` (tab separated: file, wnid, bbox). Label = index of the wnid in
-  ``sorted(wnids)``. The test split is ``val`` (the official test split has no labels). File
-  lists are sorted, so indices are deterministic.
-
-  Args:
-    data_dir: folder holding the unzipped data set.
-
-  Returns:
-    A :class:`Dataset`: raw uint8 ``[B, 64, 64, 3]``, int32 labels in ``[0, 200)`` (or the
-    number of wnids); ``preprocess`` gives float32 ImageNet-normalized ``[B, 64, 64, 3]``;
-    ``augment`` is pad-4 random crop + horizontal flip; input shape ``(64, 64, 3)``.
-
-  Raises:
-    DataNotFoundError: the folder is missing or incomplete.
-  """
-  root = next((r for r in (os.path.join(data_dir, 'tiny-imagenet-200'), data_dir)
-               if os.path.isfile(os.path.join(r, 'wnids.txt'))), None)
-
-  def missing(problem: str) -> DataNotFoundError:
-    return DataNotFoundError(
-        f'tinyimagenet: {problem}\nGet it once (~240 MB):\n  wget http://cs231n.stanford.edu/'
-        f'tiny-imagenet-200.zip && unzip -q tiny-imagenet-200.zip -d {data_dir}')
-
-  if root is None:
-    expected = f'{data_dir}/tiny-imagenet-200/wnids.txt or {data_dir}/wnids.txt'
-    raise missing(f'no Tiny-ImageNet-200 folder: expected {expected}.')
-  with open(os.path.join(root, 'wnids.txt')) as f:
-    wnids = sorted({line.strip() for line in f if line.strip()})
-  if not wnids:
-    raise missing(f'{root}/wnids.txt is empty.')
-  label_of = {w: i for i, w in enumerate(wnids)}
-
-  train_paths, train_labels = [], []
-  for w in wnids:
-    folder = os.path.join(root, 'train', w, 'images')
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.jpeg', '.jpg'))
-                   ) if os.path.isdir(folder) else []
-    if not files:
-      raise missing(f'incomplete: no JPEGs in {folder}.')
-    train_paths += [os.path.join(folder, f) for f in files]
-    train_labels += [label_of[w]] * len(files)
-
-  ann = os.path.join(root, 'val', 'val_annotations.txt')
-  val_dir = os.path.join(root, 'val', 'images')
-  if not (os.path.isfile(ann) and os.path.isdir(val_dir)):
-    raise missing(f'incomplete: need {ann} and {val_dir}/.')
-  with open(ann) as f:
-    rows = sorted(line.split('\t')[:2] for line in f if line.strip())
-  present = set(os.listdir(val_dir))
-  absent = [r[0] for r in rows if r[0] not in present]
-  unknown = sorted({r[1] for r in rows} - set(wnids))
-  if not rows or absent or unknown:
-    raise missing(f'incomplete val split in {root}/val: {len(rows)} annotations, '
-                  f'{len(absent)} image files missing, unknown wnids {unknown[:3]}.')
-  mean_std = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  return Dataset(
-      name='tinyimagenet', num_classes=len(wnids),
-      train=ImageFileSource(train_paths, np.asarray(train_labels), 64),
-      test=ImageFileSource([os.path.join(val_dir, r[0]) for r in rows],
-                           np.asarray([label_of[r[1]] for r in rows]), 64),
-      input_shape=(64, 64, 3),
-      preprocess=functools.partial(normalize_images, **mean_std),
-      augment=functools.partial(_augment_image, pad=4, cutout_size=0))
 
 
 # --- CIFAR10-DVS: AEDAT4 event recordings -> cached frames ------------------------------------
@@ -484,30 +328,6 @@ class FrameSource:
     return np.asarray(self.frames[r]), np.asarray(self.labels[r], np.int32)
 
 
-def flip_roll(x: np.ndarray, rng: np.random.Generator, *, max_shift: int = 5) -> np.ndarray:
-  """Horizontal flip (p = 1/2) and a cyclic roll by up to ``max_shift`` pixels in y and x.
-
-  The TET / NDA recipe for CIFAR10-DVS; one shift and one flip per sample, shared by its ``T``
-  frames so the motion in the recording stays intact.
-
-  Args:
-    x: ``[B, T, H, W, C]``.
-    rng: draws ``B`` flips, ``B`` y shifts, ``B`` x shifts, in that order.
-
-  Returns:
-    ``[B, T, H, W, C]``, dtype of ``x``.
-  """
-  b, _, h, w = x.shape[:4]
-  flip = rng.random(b) < 0.5
-  dy = rng.integers(-max_shift, max_shift + 1, b)
-  dx = rng.integers(-max_shift, max_shift + 1, b)
-  rows = (np.arange(h)[None] - dy[:, None]) % h  # [B, H]: out[i] = in[i - dy]
-  cols = (np.arange(w)[None] - dx[:, None]) % w
-  cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  out = np.take_along_axis(x, rows[:, None, :, None, None], axis=2)
-  return np.take_along_axis(out, cols[:, None, None, :, None], axis=3)
-
-
 def load_cifar10dvs(data_dir: str, *, T: int, size: int = 48, split_seed: int = 0,
                     cache_dir: str | None = None, workers: int | None = None) -> Dataset:
   """CIFAR10-DVS from ``<data_dir>/CIFAR10DVS/<class>/*.aedat4`` as ``T`` event frames.
@@ -561,18 +381,38 @@ def load_cifar10dvs(data_dir: str, *, T: int, size: int = 48, split_seed: int = 
       augment=functools.partial(flip_roll, max_shift=5))
 
 
+# --- Registration ----------------------------------------------------------------------------
+
+
+def _cifar_loader(name: str):
+  def load(data_dir: str, *, cutout: int = 0) -> Dataset:
+    return load_cifar(name, data_dir, cutout=cutout)
+
+  load.__doc__ = f'{name} from prepared tfds files under ``data_dir``; see :func:`load_cifar`.'
+  return load
+
+
+for _name, (_classes, *_) in _CIFAR.items():
+  register_dataset(_name, _cifar_loader(_name), spec=DataSpec((32, 32, 3), _classes))
+register_dataset('tinyimagenet', load_tinyimagenet, spec=DataSpec((64, 64, 3), 200))
+register_dataset('cifar10dvs', load_cifar10dvs,
+                 spec=lambda T, size=48: DataSpec((T, size, size, 2), len(DVS_CLASSES)))
+
+
 # --- CLI --------------------------------------------------------------------------------------
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str]) -> None:
   """``python -m mfp_jax.data_sources prepare {cifar10,cifar100} --data_dir D``."""
-  parser = argparse.ArgumentParser(prog='python -m mfp_jax.data_sources')
-  parser.add_argument('command', choices=['prepare'])
-  parser.add_argument('name', choices=sorted(_CIFAR))
-  parser.add_argument('--data_dir', required=True)
-  args = parser.parse_args(argv)
-  print(prepare_cifar(args.name, args.data_dir))
+  from absl import app, flags  # Deferred: the loaders above need no flags.
+  if len(argv) != 3 or argv[1] != 'prepare' or argv[2] not in _CIFAR:
+    raise app.UsageError(f'usage: python -m mfp_jax.data_sources prepare '
+                         f'{{{",".join(sorted(_CIFAR))}}} --data_dir D')
+  print(prepare_cifar(argv[2], flags.FLAGS.data_dir))
 
 
 if __name__ == '__main__':
-  main()
+  from absl import app, flags
+  flags.DEFINE_string('data_dir', None, 'where tfds writes the prepared data set')
+  flags.mark_flag_as_required('data_dir')
+  app.run(main)

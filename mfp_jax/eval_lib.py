@@ -19,9 +19,11 @@ from mfp_jax import accounting
 from mfp_jax import checkpoints as ckpt_lib
 from mfp_jax import config_lib
 from mfp_jax import data as data_lib
+from mfp_jax import folding
 from mfp_jax import inference
 from mfp_jax import models
 from mfp_jax import train_lib
+from mfp_jax import workdir as workdir_lib
 
 CHECKPOINTS = ('best', 'latest')
 
@@ -49,17 +51,6 @@ def find_checkpoint(workdir: str, which: str = 'best') -> bool:
         f'no checkpoint in {workdir} (nothing under best/ or checkpoints/); train first: '
         f'python train.py --config <config> --workdir {workdir}')
   return best if which == 'best' else not latest
-
-
-def restore_variables(config, workdir: str, *, best: bool, num_classes: int):
-  """``(model, {'params', 'batch_stats'}, meta)`` of a run's best or latest checkpoint.
-
-  Raises:
-    checkpoints.CheckpointError: none, damaged, or written for a different model.
-  """
-  state, meta = train_lib.load_checkpoint(config, workdir, best=best)
-  model = models.create_model(config.model, num_classes=num_classes)
-  return model, {'params': state.params, 'batch_stats': state.batch_stats}, meta
 
 
 def _masked_sum(per_example: jax.Array, mask: jax.Array) -> jax.Array:
@@ -121,14 +112,15 @@ def evaluate_modes(model, variables: Mapping[str, Any], dataset: data_lib.Datase
   """
   unavailable = {}
   program = None
-  mfp = model.neuron.kind in inference.FOLDABLE_NEURONS
+  mfp = folding.all_linear(model, dataset.input_shape)
   try:
     program = inference.build_program(model, variables, dataset.input_shape)
     serial_form = 'folded thresholds on integer spike counts'
   except ValueError as e:
     serial_form = f'float streaming scan ({e})' if mfp else None
   if not mfp:
-    why = f'serial and Eq. 9 forms are for MFP neurons, not {model.neuron.kind!r}'
+    kinds = sorted({s.kind for s in folding.neuron_specs(model, dataset.input_shape).values()})
+    why = f'serial and Eq. 9 forms are for MFP neurons (LinearNeuron kinds), not {kinds}'
     unavailable = {'serial': why, 'eq9': why}
   step = make_eval_step(model, program, mfp)
   arrays = inference.program_arrays(program) if program is not None else {}
@@ -185,28 +177,36 @@ def _write_json(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=1)
 
 
-def report_only(config, workdir: str) -> dict[str, Any]:
-  """Cost report from the config alone; writes ``<workdir>/report.json``, returns it."""
+def report_only(config, out_dir: str) -> dict[str, Any]:
+  """Cost report from the config alone; writes ``<out_dir>/report.json``, returns it."""
   config_lib.validate(config)
   input_shape, num_classes = accounting.input_spec(config)
   model = models.create_model(config.model, num_classes=num_classes)
   report = accounting.build_report(model, input_shape)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, 'report.json'), report)
+    with workdir_lib.lock(out_dir):
+      _write_json(os.path.join(out_dir, 'report.json'), report)
     print(accounting.format_report(report), flush=True)
   return report
 
 
-def evaluate_run(config, workdir: str, *, checkpoint: str = 'best',
-                 write_plots: bool = False) -> dict[str, Any]:
+def evaluate_run(config, workdir: str, *, checkpoint: str = 'best', write_plots: bool = False,
+                 out_dir: str | None = None) -> dict[str, Any]:
   """Restores a run's checkpoint, evaluates the three forms, writes ``eval.json``,
-  ``report.json`` (with measured rates) and, if asked, the plots. Returns the results."""
+  ``report.json`` (with measured rates) and, if asked, the plots into ``out_dir`` (default
+  ``workdir``, which is then locked like a training run's: a second writer is refused).
+  Returns the results."""
   config_lib.validate(config)
   best = find_checkpoint(workdir, checkpoint)
-  dataset = data_lib.create_dataset(config.data, T=config.model.T)
-  model, variables, meta = restore_variables(config, workdir, best=best,
-                                             num_classes=dataset.num_classes)
+  with workdir_lib.lock(out_dir or workdir, enabled=jax.process_index() == 0):
+    return _evaluate_run(config, workdir, best, write_plots, out_dir or workdir)
+
+
+def _evaluate_run(config, workdir: str, best: bool, write_plots: bool,
+                  out_dir: str) -> dict[str, Any]:
+  s, state, meta = train_lib.restore_run(config, workdir, best=best)
+  model, dataset = s.model, s.dataset
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   res = evaluate_modes(model, variables, dataset, batch_size=config.data.eval_batch_size,
                        progress=config.progress)
   which = 'best' if best else 'latest'
@@ -220,11 +220,12 @@ def evaluate_run(config, workdir: str, *, checkpoint: str = 'best',
   print(format_modes(res))
   print()
   print(accounting.format_report(report), flush=True)
-  _write_json(os.path.join(workdir, 'eval.json'), res)
-  _write_json(os.path.join(workdir, 'report.json'), report)
+  _write_json(os.path.join(out_dir, 'eval.json'), res)
+  _write_json(os.path.join(out_dir, 'report.json'), report)
   if write_plots:
     from mfp_jax import plots  # Deferred: matplotlib's first import builds a font cache.
-    paths = plots.write_all(workdir, params=jax.device_get(variables['params']),
+    paths = plots.write_all(out_dir, metrics_dir=workdir,
+                            params=jax.device_get(variables['params']),
                             rates=res['firing_rates'], accuracy=res['accuracy'])
     print('plots: ' + ', '.join(paths), flush=True)
   return res

@@ -1,7 +1,9 @@
 """Inference of a trained network in three forms, plus the deployable (folded, bit-packed) program.
 
 ``make_infer_fn(model, variables, mode=..., input_shape=...)`` returns a function
-``batch [B, *input_shape] float32 -> time-mean logits [B, num_classes]`` (jitted inside):
+``batch [B, *input_shape] float32 -> time-mean logits [B, num_classes]`` (jitted inside, run
+in chunks of ``chunk_size`` rows so memory stays of the order of one chunk; non-finite inputs
+are refused with a ``ValueError`` unless ``check_finite=False``):
 
 * ``'parallel'`` -- the training form (every MFP neuron one matmul over time).
 * ``'serial'`` -- the exact streaming form of a deployed network, built by :func:`build_program`:
@@ -12,10 +14,10 @@
   ======================================  ==============================================
   layer                                    serial arithmetic
   ======================================  ==============================================
-  first conv (``Stem``)                    real-valued pixels x 8/32-bit weights: float32
+  first layer (``Stem``, ``DenseStem``)    real-valued input x 8/32-bit weights: float32
                                            current, neuron = exact float streaming scan
-  hidden 1-bit convs (incl. 1x1 shortcut)  counts ``C = sign(W) S`` in int8 x int8 -> int32
-                                           (exact); threshold comparison in float32
+  hidden 1-bit conv/dense (incl. 1x1       counts ``C = sign(W) S`` in int8 x int8 -> int32
+  shortcut)                                (exact); threshold comparison in float32
   neuron after a residual sum              the 3x3 conv's count is isolated; the shortcut's
                                            per-step current (identity spikes, or ``a2 C2 +
                                            c2``) moves into the threshold, in float32
@@ -28,9 +30,8 @@
 * ``'eq9'`` -- the paper's Eq. 9 per-step thresholds (``S[t] = M[t,t] X[t] >= vth``), exact only
   for a diagonal ``M``; kept to measure how far it drifts.
 
-Folding (``a = s gamma / sqrt(var + eps)``, ``c = beta - gamma mean / sqrt(var + eps)``) is
-in :mod:`mfp_jax.folding`; saving and loading (bit-packed ``.npz`` weights, ``jax.export``
-artifacts) in :mod:`mfp_jax.deploy`.
+Folding is in :mod:`mfp_jax.folding`; saving and loading (bit-packed ``.npz`` weights,
+``jax.export`` artifacts) in :mod:`mfp_jax.deploy`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,22 +52,23 @@ from mfp_jax import neurons
 from mfp_jax import quant
 
 MODES = ('parallel', 'serial', 'eq9')
+DEFAULT_CHUNK = 256  # rows per call: ResNet19 activations at 256 x T=4 x 32x32x128 are ~0.5 GB
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
 # The folding lives in mfp_jax.folding; these names are part of this module's API too.
 Program = folding.Program
 build_program = folding.build_program
-FOLDABLE_NEURONS = folding.FOLDABLE_NEURONS
 
 
 # --- Input checks --------------------------------------------------------------------------
 
 
-def check_input(x: Any, input_shape: Sequence[int]) -> jax.Array:
-  """Returns ``x`` as a float32 array ``[B, *input_shape]``.
+def check_input(x: Any, input_shape: Sequence[int], *, check_finite: bool = True) -> Any:
+  """Checks ``x`` is a float32 array ``[B, *input_shape]`` (and finite); returns it.
 
   Raises:
-    ValueError: wrong dtype (only float32 is accepted: preprocess first) or shape.
+    ValueError: wrong dtype (only float32 is accepted: preprocess first), shape, or a NaN /
+      inf value (pass ``check_finite=False`` to run on them anyway).
   """
   shape, dtype = tuple(np.shape(x)), getattr(x, 'dtype', None)
   want = f'float32 [B, {", ".join(map(str, input_shape))}]'
@@ -73,18 +76,69 @@ def check_input(x: Any, input_shape: Sequence[int]) -> jax.Array:
     raise ValueError(f'expected input {want} (preprocessed images), got dtype {dtype}')
   if len(shape) != len(input_shape) + 1 or shape[1:] != tuple(input_shape) or shape[0] < 1:
     raise ValueError(f'expected input {want}, got shape {list(shape)}')
-  return jnp.asarray(x)
+  if check_finite:
+    bad = ~np.isfinite(np.asarray(x)).reshape(shape[0], -1).all(axis=1)
+    if bad.any():
+      rows = np.flatnonzero(bad)
+      raise ValueError(f'input has NaN or inf values in {rows.size} of {shape[0]} rows (first: '
+                       f'{rows[:5].tolist()}); a network given them predicts garbage. Clean '
+                       f'the input, or pass check_finite=False')
+  return x
+
+
+def run_chunked(fn: Callable[[Any], Any], x: Any, chunk_size: int) -> Any:
+  """``fn`` over ``x [N, ...]`` in chunks of ``chunk_size`` rows, concatenated on the host.
+
+  The last chunk is padded to ``chunk_size`` (one compiled shape) and its padding dropped.
+  Outputs are pytrees whose leaves lead with the batch axis (or ``[T, B, ...]`` spikes, whose
+  batch axis 1 is handled too).
+  """
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be >= 1, got {chunk_size}')
+  n = int(np.shape(x)[0])
+  if n <= chunk_size:
+    return fn(x)
+  outs = []
+  for start in range(0, n, chunk_size):
+    part = np.asarray(x[start:start + chunk_size])
+    rows = len(part)
+    if rows < chunk_size:
+      part = np.concatenate([part, np.zeros((chunk_size - rows,) + part.shape[1:], part.dtype)])
+    out = jax.device_get(fn(part))
+    outs.append(jax.tree.map(lambda a: _take_rows(np.asarray(a), rows, chunk_size), out))
+  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=_batch_axis(parts[0])), *outs)
+
+
+def _batch_axis(a: np.ndarray) -> int:
+  # Logits are [B, K]; spikes [T, B, ...] (time-major).
+  return 0 if a.ndim == 2 else 1
+
+
+def _take_rows(a: np.ndarray, rows: int, chunk: int) -> np.ndarray:
+  del chunk
+  return a[:rows] if _batch_axis(a) == 0 else a[:, :rows]
 
 
 # --- Parallel and Eq. 9: the Flax model itself ---------------------------------------------
 
 
-def with_neuron_mode(model: nn.Module, mode: str) -> nn.Module:
-  """The same model (same parameters) with every neuron run as ``'parallel'``, ``'serial'``
-  (float streaming) or ``'eq9'``."""
+@dataclasses.dataclass(frozen=True)
+class ModeBound:
+  """A model whose ``apply`` runs every linear-threshold neuron in ``mode`` (same params)."""
+  model: nn.Module
+  mode: str
+
+  def apply(self, *args, **kwargs):
+    with layers.neuron_mode(self.mode):
+      return self.model.apply(*args, **kwargs)
+
+
+def with_neuron_mode(model: nn.Module, mode: str) -> ModeBound:
+  """The same model (same parameters) with every MFP-type neuron run as ``'parallel'``,
+  ``'serial'`` (float streaming) or ``'eq9'``; works for a model of any structure."""
   if mode not in layers.NEURON_MODES:
     raise ValueError(f'unknown neuron mode {mode!r}; allowed: {list(layers.NEURON_MODES)}')
-  return model.clone(neuron=dataclasses.replace(model.neuron, mode=mode))
+  return ModeBound(model.model if isinstance(model, ModeBound) else model, mode)
 
 
 def _per_example_mean(x: jax.Array, batch: int) -> jax.Array:
@@ -92,12 +146,12 @@ def _per_example_mean(x: jax.Array, batch: int) -> jax.Array:
   return x.reshape(x.shape[0] // batch, batch, -1).astype(jnp.float32).mean(axis=(0, 2))
 
 
-def forward_flax(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
+def forward_flax(model: nn.Module | ModeBound, variables: Mapping[str, Any], x: jax.Array
                  ) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
   """Evaluation forward of the Flax model, recording spikes and layer inputs.
 
   Args:
-    model: any model of :mod:`mfp_jax.models` (its ``neuron.mode`` picks the form).
+    model: a model (or :func:`with_neuron_mode` of one).
     variables: ``{'params', 'batch_stats'}``.
     x: ``[B, *input_shape]`` float32.
 
@@ -118,16 +172,8 @@ def forward_flax(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
   with nn.intercept_methods(record):
     logits, col = model.apply(variables, x, train=False, capture_intermediates=capture,
                               mutable=['intermediates'])
-  spikes = {}
-
-  def walk(tree, prefix):
-    for k, v in tree.items():
-      if k == '__call__':
-        spikes[prefix] = v[0]
-      elif isinstance(v, Mapping):
-        walk(v, f'{prefix}/{k}' if prefix else k)
-
-  walk(col['intermediates'], '')
+  flat = traverse_util.flatten_dict(col['intermediates'])
+  spikes = {'/'.join(k[:-1]): v[0] for k, v in flat.items() if k[-1] == '__call__'}
   return logits.mean(axis=0), spikes, inputs
 
 
@@ -140,86 +186,96 @@ def _signs(arrays: Mapping[str, jax.Array], prefix: str, shape: Sequence[int]) -
   return (bits.astype(jnp.int8) * 2 - 1).reshape(shape)
 
 
-def _edge_weights(arrays: Mapping[str, jax.Array], prefix: str, bits: int) -> jax.Array:
-  if bits >= 32:
+def _edge_weights(arrays: Mapping[str, jax.Array], op: Mapping[str, Any]) -> jax.Array:
+  prefix = op['layer']
+  if op['bits'] >= 32:
     return arrays[f'{prefix}/kernel']
   # alpha * q / n in the quantizer's order of operations.
   return arrays[f'{prefix}/alpha'] * arrays[f'{prefix}/q'].astype(jnp.float32) / \
-      quant.uniform_levels(bits)
+      quant.uniform_levels(op['bits'])
 
 
-def _count(s: jax.Array, signs: jax.Array, stride: int) -> jax.Array:
-  """Integer counts ``sign(W) S``: int ``[T, B, H, W, Cin]`` -> int32 ``[T, B, H', W', C]``."""
+def _count(s: jax.Array, signs: jax.Array, layer: Mapping[str, Any]) -> jax.Array:
+  """Integer counts ``sign(W) S``: int ``[T, B, ..., Cin]`` -> int32 ``[T, B, ..., C]``."""
   t, b = s.shape[:2]
-  y = jax.lax.conv_general_dilated(
-      s.reshape((t * b,) + s.shape[2:]).astype(jnp.int8), signs, (stride, stride), 'SAME',
-      dimension_numbers=_DN, preferred_element_type=jnp.int32)
+  s8 = s.reshape((t * b,) + s.shape[2:]).astype(jnp.int8)
+  if layer['kind'] == 'dense':
+    y = jax.lax.dot_general(s8, signs, (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.int32)
+  else:
+    stride = layer['stride']
+    y = jax.lax.conv_general_dilated(s8, signs, (stride, stride), 'SAME',
+                                     dimension_numbers=_DN, preferred_element_type=jnp.int32)
   return y.reshape((t, b) + y.shape[1:])
+
+
+def _layer_counts(arrays, h, layer):
+  return _count(h, _signs(arrays, layer['layer'], layer['shape']), layer)
+
+
+def _folded(arrays, layer: Mapping[str, Any], neuron: str, counts: jax.Array,
+            extra: jax.Array | None = None) -> jax.Array:
+  folded = neurons.fold_thresholds(arrays[f'{neuron}/M'], 1.0, arrays[f'{layer["layer"]}/a'],
+                                   arrays[f'{layer["layer"]}/c'])
+  return neurons.folded_serial(counts, folded, extra=extra)
 
 
 def folded_serial_residual(counts: jax.Array, extra: jax.Array, m: jax.Array,
                            vth: float | jax.Array, a: jax.Array, c: jax.Array, *,
                            dtype: jnp.dtype = jnp.float32) -> jax.Array:
-  """Exact serial MFP neuron on ``X = a C + c + E``: one integer count plus a second current.
+  """Exact serial MFP neuron on ``X = a C + c + E``: the plain fold with a second current.
 
-  The count ``C`` is isolated; the other branch's per-step current ``E`` (identity shortcut
-  spikes, or a 1x1 shortcut's ``a2 C2 + c2``) moves into the threshold::
-
-    fire at t  <=>  a M[t,t] C[t] >= vth - c (M 1)[t] - a sum_{i<t} M[t,i] C[i]
-                                    - sum_{i<=t} M[t,i] E[i]
-
-  (flipped where ``a M[t,t] < 0``; where it is 0, the constant ``0 >= right-hand side``). A
-  ``lax.scan`` over ``t`` carries both histories for the current and future steps (``O(T)`` per
-  neuron), reading only step ``t`` of ``C`` and ``E``. With ``E = 0`` it equals
-  ``neurons.folded_serial``.
-
-  Args:
-    counts: integer ``[T, ..., C]``.
-    extra: ``[T, ..., C]`` the second branch's current.
-    m: ``[T, T]`` (lower triangle used); vth: threshold; a, c: ``[C]``.
-    dtype: float dtype of the threshold arithmetic.
-
-  Returns:
-    spikes ``[T, ..., C]`` as ``dtype``; equal to ``mfp_parallel(a * counts + c + extra, m)``
-    up to float rounding at exact ties.
+  ``neurons.folded_serial(counts, neurons.fold_thresholds(m, vth, a, c), extra=extra)``: the
+  other branch's per-step current ``E`` moves into the threshold (see there).
   """
-  if extra.shape != counts.shape or counts.ndim < 2:
-    raise ValueError(f'counts and extra must both be [T, ..., C], got {counts.shape} and '
-                     f'{extra.shape}')
-  t = counts.shape[0]
-  if m.shape != (t, t) or a.shape != (counts.shape[-1],) or c.shape != a.shape:
-    raise ValueError(f'm must be [T, T] = {(t, t)} and a, c [C] = {(counts.shape[-1],)}; got '
-                     f'{m.shape}, {a.shape}, {c.shape}')
-  ml = jnp.tril(m).astype(dtype)
-  a, c = a.astype(dtype), c.astype(dtype)
-  gain = jnp.diagonal(ml)[:, None] * a          # [T, C]
-  bias = vth - ml.sum(axis=1)[:, None] * c      # [T, C]
-  expand = lambda v: v.reshape(v.shape + (1,) * (counts.ndim - 1))
-
-  def step(carry, inp):
-    hist, ehist = carry
-    idx, col, diag, ct, et = inp
-    cf, et = ct.astype(dtype), et.astype(dtype)
-    rhs = bias[idx] - a * hist[idx] - (ehist[idx] + diag * et)
-    g = gain[idx]
-    theta = rhs / jnp.where(g != 0, g, 1)
-    spike = jnp.where(g > 0, cf >= theta, jnp.where(g < 0, cf <= theta, 0 >= rhs))
-    # Future steps t' > t see this step through M[t', t] (the strictly lower column).
-    hist = hist + expand(col) * cf[None]
-    ehist = ehist + expand(col) * et[None]
-    return (hist, ehist), spike.astype(dtype)
-
-  zeros = jnp.zeros(counts.shape, dtype)
-  cols = jnp.tril(ml, -1).T
-  _, spikes = jax.lax.scan(step, (zeros, zeros),
-                           (jnp.arange(t), cols, jnp.diagonal(ml), counts, extra))
-  return spikes
+  return neurons.folded_serial(counts, neurons.fold_thresholds(m, vth, a, c), extra=extra,
+                               dtype=dtype)
 
 
-def _folded(arrays, prefix: str, neuron: str, counts: jax.Array, vth: float) -> jax.Array:
-  folded = neurons.fold_thresholds(arrays[f'{neuron}/M'], vth, arrays[f'{prefix}/a'],
-                                   arrays[f'{prefix}/c'])
-  return neurons.folded_serial(counts, folded)
+def _run_stem(op, arrays, x):
+  w = _edge_weights(arrays, op)
+  a, c = arrays[f'{op["layer"]}/a'], arrays[f'{op["layer"]}/c']
+  T = op['T']
+  if op['kind'] == 'dense':  # sequences [B, T, F]
+    xt = jnp.swapaxes(x, 0, 1)
+    cur = (xt @ w) * a + c
+  elif x.ndim == 4:  # static image: the T steps see the same current
+    s = op['stride']
+    y = jax.lax.conv_general_dilated(x, w, (s, s), 'SAME', dimension_numbers=_DN)
+    cur = jnp.broadcast_to((y * a + c)[None], (T,) + y.shape)
+  else:  # event frames [B, T, ...]
+    s = op['stride']
+    xt = jnp.swapaxes(x, 0, 1)
+    y = jax.lax.conv_general_dilated(xt.reshape((-1,) + xt.shape[2:]), w, (s, s), 'SAME',
+                                     dimension_numbers=_DN)
+    cur = (y * a + c).reshape(xt.shape[:2] + y.shape[1:])
+  return neurons.mfp_serial(cur, arrays[f'{op["neuron"]}/M'], vth=1.0)
+
+
+def _run_block(op, arrays, h, spikes):
+  inner = op['inner']
+  s1 = _folded(arrays, inner, inner['neuron'], _layer_counts(arrays, h, inner))
+  spikes[inner['neuron']] = s1
+  c2 = _layer_counts(arrays, s1, op['conv2'])
+  sc = op['shortcut']
+  if sc is not None:
+    extra = (_layer_counts(arrays, h, sc).astype(jnp.float32) * arrays[f'{sc["layer"]}/a']
+             + arrays[f'{sc["layer"]}/c'])
+  else:
+    extra = h.astype(jnp.float32) / op['den']
+  return _folded(arrays, op['conv2'], op['neuron'], c2, extra)
+
+
+def _run_classifier(op, arrays, h):
+  t, b = h.shape[:2]
+  hf = h.astype(jnp.float32)
+  if op['global_pool']:
+    feats = hf.reshape((t * b, -1, hf.shape[-1])).sum(axis=1) / (
+        op['den'] * np.prod(hf.shape[2:-1]))
+  else:
+    feats = hf.reshape((t * b, -1)) / op['den']
+  logits = feats @ _edge_weights(arrays, op) + arrays[f'{op["layer"]}/bias']
+  return logits.reshape((t, b, -1)).mean(axis=0)
 
 
 def _sum_pool(s: jax.Array, window: int) -> jax.Array:
@@ -240,55 +296,21 @@ def run_program(ops: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
   Returns:
     time-mean logits ``[B, K]`` (and ``{neuron path: spikes [T, B, ...]}`` if asked).
   """
-  T, vth, edge = meta['T'], meta['vth'], meta['edge_bits']
+  del meta
   spikes: dict[str, jax.Array] = {}
-  h = None
+  h, logits = None, None
   for op in ops:
     kind = op['op']
     if kind == 'stem':
-      w = _edge_weights(arrays, 'Stem_0', edge)
-      if x.ndim == 4:  # static image: the T steps see the same current
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME', dimension_numbers=_DN)
-        cur = jnp.broadcast_to((y * arrays['Stem_0/a'] + arrays['Stem_0/c'])[None],
-                               (T,) + y.shape)
-      else:  # event frames [B, T, ...]
-        xt = jnp.swapaxes(x, 0, 1)
-        y = jax.lax.conv_general_dilated(xt.reshape((-1,) + xt.shape[2:]), w, (1, 1), 'SAME',
-                                         dimension_numbers=_DN)
-        cur = (y * arrays['Stem_0/a'] + arrays['Stem_0/c']).reshape(xt.shape[:2] + y.shape[1:])
-      h = neurons.mfp_serial(cur, arrays[f'{op["neuron"]}/M'], vth=vth)
-      spikes[op['neuron']] = h
-    elif kind == 'conv':
-      counts = _count(h, _signs(arrays, op['name'], op['shape']), op['stride'])
-      h = _folded(arrays, op['name'], op['neuron'], counts, vth)
-      spikes[op['neuron']] = h
+      h = spikes[op['neuron']] = _run_stem(op, arrays, x)
+    elif kind == 'binary':
+      h = spikes[op['neuron']] = _folded(arrays, op, op['neuron'], _layer_counts(arrays, h, op))
     elif kind == 'pool':
       h = _sum_pool(h, op['window'])
     elif kind == 'block':
-      inner, name = op['inner'], op['name']
-      s1 = _folded(arrays, inner['name'], inner['neuron'],
-                   _count(h, _signs(arrays, inner['name'], inner['shape']), op['stride']), vth)
-      spikes[inner['neuron']] = s1
-      c2 = _count(s1, _signs(arrays, f'{name}/conv2', op['shape2']), 1)
-      if 'shape_sc' in op:
-        csc = _count(h, _signs(arrays, f'{name}/shortcut', op['shape_sc']), op['stride'])
-        extra = (csc.astype(jnp.float32) * arrays[f'{name}/shortcut/a']
-                 + arrays[f'{name}/shortcut/c'])
-      else:
-        extra = h.astype(jnp.float32)
-      h = folded_serial_residual(c2, extra, arrays[f'{op["neuron"]}/M'], vth,
-                                 arrays[f'{name}/conv2/a'], arrays[f'{name}/conv2/c'])
-      spikes[op['neuron']] = h
+      h = spikes[op['neuron']] = _run_block(op, arrays, h, spikes)
     elif kind == 'classifier':
-      t, b = h.shape[:2]
-      hf = h.astype(jnp.float32)
-      if op['global_pool']:
-        feats = hf.reshape((t * b, -1, hf.shape[-1])).sum(axis=1) / (op['den'] * np.prod(
-            hf.shape[2:-1]))
-      else:
-        feats = hf.reshape((t * b, -1)) / op['den']
-      w = _edge_weights(arrays, 'Classifier_0', edge)
-      logits = (feats @ w + arrays['Classifier_0/bias']).reshape((t, b, -1)).mean(axis=0)
+      logits = _run_classifier(op, arrays, h)
     else:
       raise ValueError(f'unknown op {kind!r} in program')
   return (logits, spikes) if with_spikes else logits
@@ -300,20 +322,29 @@ def program_fn(program: Program, *, with_spikes: bool = False) -> Callable:
                                    with_spikes=with_spikes))
 
 
+def program_arrays(program: Program) -> dict[str, jax.Array]:
+  """The program's arrays on the default device."""
+  return {k: jnp.asarray(v) for k, v in program.arrays.items()}
+
+
 def make_infer_fn(model: nn.Module, variables: Mapping[str, Any], *, mode: str = 'parallel',
-                  input_shape: Sequence[int], with_spikes: bool = False) -> Callable:
+                  input_shape: Sequence[int], with_spikes: bool = False,
+                  chunk_size: int = DEFAULT_CHUNK, check_finite: bool = True) -> Callable:
   """A compiled inference function ``batch -> logits`` in one of :data:`MODES`.
 
   Args:
-    model: a model of :mod:`mfp_jax.models` (parameters are never changed).
+    model: a trained model (parameters are never changed).
     variables: ``{'params', 'batch_stats'}``.
     mode: ``'parallel'``, ``'serial'`` (folded integer form, see the module doc) or ``'eq9'``.
     input_shape: one example, e.g. ``(8, 8, 1)``.
-    with_spikes: return ``(logits, {neuron path: spikes [T, B, ...]})`` instead.
+    with_spikes: return ``(logits, {neuron path: spikes [T, B, ...]})`` instead (all of the
+      batch's spikes are kept: memory grows with the batch).
+    chunk_size: rows per compiled call; larger batches run chunk by chunk.
+    check_finite: refuse inputs with NaN or inf (a ``ValueError``).
 
   Returns:
     ``infer(x: float32 [B, *input_shape]) -> float32 [B, num_classes]`` time-mean logits; it
-    raises ``ValueError`` for a wrong shape or dtype.
+    raises ``ValueError`` for a wrong shape or dtype, or a non-finite value.
 
   Example::
 
@@ -325,8 +356,9 @@ def make_infer_fn(model: nn.Module, variables: Mapping[str, Any], *, mode: str =
     program = build_program(model, variables, input_shape)
     fn, args = program_fn(program, with_spikes=with_spikes), program_arrays(program)
   elif mode in ('parallel', 'eq9'):
-    if mode == 'eq9' and model.neuron.kind not in FOLDABLE_NEURONS:
-      raise ValueError(f'Eq. 9 applies to MFP neurons, the model has {model.neuron.kind!r}')
+    if mode == 'eq9' and not folding.all_linear(model, input_shape):
+      raise ValueError('Eq. 9 applies to MFP neurons (LinearNeuron kinds); this model has '
+                       f'{sorted({s.kind for s in folding.neuron_specs(model, input_shape).values()})}')
     clone = with_neuron_mode(model, mode)
     args = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
@@ -339,11 +371,7 @@ def make_infer_fn(model: nn.Module, variables: Mapping[str, Any], *, mode: str =
     raise ValueError(f'unknown mode {mode!r}; allowed: {list(MODES)}')
 
   def infer(x):
-    return fn(args, check_input(x, input_shape))
+    check_input(x, input_shape, check_finite=check_finite)
+    return run_chunked(lambda part: fn(args, part), x, chunk_size)
 
   return infer
-
-
-def program_arrays(program: Program) -> dict[str, jax.Array]:
-  """The program's arrays on the default device."""
-  return {k: jnp.asarray(v) for k, v in program.arrays.items()}

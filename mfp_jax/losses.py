@@ -1,6 +1,10 @@
 """Losses on per-step logits ``[T, B, K]`` and the WS-DR firing-rate term. Pure functions.
 
 ``mask: [B]`` weights each example (0 for the padding rows of the last eval batch).
+Classification losses are registered by name (:func:`register_loss`): a loss is
+``fn(logits [T, B, K], labels [B], mask [B], **kwargs) -> scalar``, and a config's ``loss``
+section holds ``name``, the firing-rate term's ``fr_lambda`` / ``fr_target``, and the loss's
+own keyword arguments (e.g. ``lam`` for ``tet``).
 """
 
 from __future__ import annotations
@@ -9,7 +13,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-LOSSES = ('per_step_ce', 'mean_ce', 'tet')
+from mfp_jax import registry
+
+LOSSES: registry.Registry = registry.Registry('loss')
+register_loss = registry.registrar(LOSSES)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -17,6 +24,7 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+@register_loss('per_step_ce')
 def per_step_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Cross-entropy at every time step, averaged over ``T`` (TET without its MSE term).
 
@@ -30,12 +38,14 @@ def per_step_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Ar
   return _masked_mean(ce.mean(axis=0), mask)
 
 
+@register_loss('mean_ce')
 def mean_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Cross-entropy of the time-mean logits ``mean_t logits[t]``. Shapes as :func:`per_step_ce`."""
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.mean(axis=0), labels)
   return _masked_mean(ce, mask)
 
 
+@register_loss('tet')
 def tet(logits: jax.Array, labels: jax.Array, mask: jax.Array, *, lam: float = 1e-3,
         phi: float = 1.0) -> jax.Array:
   """TET loss (Deng et al. 2022): ``(1 - lam) * per_step_ce + lam * mean (logits - phi)^2``.
@@ -60,18 +70,6 @@ def firing_rate_penalty(rates: jax.Array, *, target: float = 0.5) -> jax.Array:
   if hidden.shape[0] == 0:
     return jnp.zeros((), rates.dtype)
   return jnp.mean((hidden - target) ** 2)
-
-
-def classification_loss(name: str, logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
-                        tet_lambda: float = 1e-3) -> jax.Array:
-  """Dispatches to the loss named ``name`` (one of ``LOSSES``)."""
-  if name == 'per_step_ce':
-    return per_step_ce(logits, labels, mask)
-  if name == 'mean_ce':
-    return mean_ce(logits, labels, mask)
-  if name == 'tet':
-    return tet(logits, labels, mask, lam=tet_lambda)
-  raise ValueError(f'unknown loss {name!r}; allowed: {list(LOSSES)}')
 
 
 def predictions(logits: jax.Array) -> jax.Array:

@@ -1,12 +1,20 @@
-"""Spiking networks: a small net for the embedded digits, ResNet19, VGGSNN and VGG16.
+"""Spiking networks: a small conv net, ResNet19, VGGSNN, VGG16 and a dense net for sequences.
 
-Every model maps an input batch to per-step logits ``[T, B, num_classes]``:
-static images ``[B, H, W, C]`` are repeated over time (direct encoding); event frames
-``[B, T, H, W, C]`` are moved time-major. Hidden convs use ``quant`` (1-bit by default); the
-first conv and the classifier use ``edge_quant`` (full precision or 8-bit, by config).
+Every model maps an input batch to per-step logits ``[T, B, num_classes]``: static images
+``[B, H, W, C]`` are repeated over time (direct encoding); event frames ``[B, T, H, W, C]`` and
+sequences ``[B, T, F]`` are moved time-major. Hidden layers use ``quant`` (1-bit by default);
+the first layer and the classifier use ``edge_quant`` (full precision or 8-bit, by config).
 
-Call ``model.apply(variables, x, train=..., anneal_t=..., mutable=[...])``; ``anneal_t`` is
-the sharpness of the annealed 1-bit estimator (a float32 scalar, ignored otherwise).
+The model protocol (what ``train.py``, folding and accounting call)::
+
+  logits = model.apply(variables, x, train=..., anneal_t=..., mutable=[...])
+
+``anneal_t`` is the sharpness of the annealed 1-bit estimator (a float32 scalar, ignored
+otherwise). Models are registered by name (:func:`register_model`); a config's ``model``
+section, without ``name``, holds the builder's keyword arguments (``num_classes`` comes from
+the data set). A model assembled from this module's blocks (:class:`Stem`, :class:`DenseStem`,
+:class:`BasicBlock`, :class:`Classifier`) and :mod:`mfp_jax.layers`' ``ConvNormSpike``,
+``DenseNormSpike`` and ``AvgPool`` folds for exact serial inference (:mod:`mfp_jax.folding`).
 """
 
 from __future__ import annotations
@@ -18,7 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from mfp_jax import layers
+from mfp_jax import registry
 from mfp_jax.layers import FULL_PRECISION, NeuronSpec, QuantSpec
+
+MODELS: registry.Registry[Any] = registry.Registry('model')
+register_model = registry.registrar(MODELS)
 
 
 class Stem(nn.Module):
@@ -27,10 +39,11 @@ class Stem(nn.Module):
   T: int
   quant: QuantSpec = FULL_PRECISION
   neuron: NeuronSpec = NeuronSpec()
+  strides: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, anneal_t=None) -> jax.Array:
-    conv = layers.QConv(self.features, 3, 1, self.quant)
+    conv = layers.QConv(self.features, 3, self.strides, self.quant)
     norm = layers.batch_norm(train)
     if x.ndim == 4:
       # The T copies of a static image are identical: convolve and normalize once (the norm
@@ -44,6 +57,23 @@ class Stem(nn.Module):
     else:
       raise ValueError(f'input must be [B, H, W, C] (images) or [B, T, H, W, C] (frames), '
                        f'got shape {x.shape}')
+    return layers.SpikingNeuron(self.neuron)(y)
+
+
+class DenseStem(nn.Module):
+  """First dense layer + norm + neuron of a sequence model: ``[B, T, F] -> [T, B, features]``."""
+  features: int
+  T: int
+  quant: QuantSpec = FULL_PRECISION
+  neuron: NeuronSpec = NeuronSpec()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool, anneal_t=None) -> jax.Array:
+    if x.ndim != 3 or x.shape[1] != self.T:
+      raise ValueError(f'sequence input must be [B, T={self.T}, F], got shape {x.shape}')
+    y = layers.QDense(self.features, use_bias=False, quant=self.quant)(
+        layers.fold_time(layers.frames_to_time_major(x)), anneal_t)
+    y = layers.unfold_time(layers.batch_norm(train)(y), self.T)
     return layers.SpikingNeuron(self.neuron)(y)
 
 
@@ -62,25 +92,55 @@ class Classifier(nn.Module):
 
 
 class _SpikingNet(nn.Module):
-  """Fields shared by all models."""
+  """Fields shared by the built-in models."""
   num_classes: int = 10
   T: int = 4
   neuron: NeuronSpec = NeuronSpec()
   quant: QuantSpec = QuantSpec()
   edge_quant: QuantSpec = FULL_PRECISION
 
+  @classmethod
+  def config_problems(cls, fields: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(field, what is allowed)`` for bad values among a config's ``fields`` (see
+    :func:`mfp_jax.config_lib.validate`); types are checked there."""
+    out = []
+    t = fields.get('T')
+    if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 1024:
+      out.append(('T', 'an integer in [1, 1024]'))
+    edge = fields.get('edge_quant')
+    if isinstance(edge, QuantSpec) and edge.bits == 1:
+      out.append(('edge_quant.bits', '2..16 or 32 (the first layer sees real-valued input)'))
+    return out
 
+
+@register_model('digits_cnn')
 class DigitsNet(_SpikingNet):
-  """Small conv net for 8x8 digits: stem, two 1-bit conv stages with 2x2 pooling, dense."""
+  """Small conv net: stem, then 1-bit conv stages each followed by 2x2 pooling, dense.
+
+  Built for the 8x8 digits; with ``stem_strides=2`` it suits 28x28 images on a CPU.
+  """
   channels: Sequence[int] = (32, 64, 128)
+  stem_strides: int = 1
+
+  @classmethod
+  def config_problems(cls, fields):
+    out = super().config_problems(fields)
+    c = fields.get('channels')
+    if not (isinstance(c, (tuple, list)) and c and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in c)):
+      out.append(('channels', 'a non-empty tuple of positive ints'))
+    if fields.get('stem_strides') not in (1, 2):
+      out.append(('stem_strides', '1 or 2'))
+    return out
 
   @nn.compact
   def __call__(self, x, *, train: bool = False, anneal_t=None):
     c0, *rest = self.channels
-    h = Stem(c0, self.T, self.edge_quant, self.neuron)(x, train=train, anneal_t=anneal_t)
+    h = Stem(c0, self.T, self.edge_quant, self.neuron, self.stem_strides)(
+        x, train=train, anneal_t=anneal_t)
     for c in rest:
       h = layers.ConvNormSpike(c, 1, self.quant, self.neuron)(h, train=train, anneal_t=anneal_t)
-      h = layers.unfold_time(layers.avg_pool(layers.fold_time(h)), self.T)
+      h = layers.AvgPool(2)(h)
     return Classifier(self.num_classes, self.edge_quant, global_pool=False)(h, anneal_t)
 
 
@@ -107,6 +167,7 @@ class BasicBlock(nn.Module):
     return layers.SpikingNeuron(self.neuron)(layers.unfold_time(h + sc, t))
 
 
+@register_model('resnet19')
 class ResNet19(_SpikingNet):
   """ResNet19 of tdBN/TET for CIFAR: 3x3 stem to 128, BasicBlocks [3, 3, 2] at 128/256/512
   (strides 1, 2, 2), global average pool, linear classifier."""
@@ -135,7 +196,7 @@ class VGG(_SpikingNet):
     h = Stem(first, self.T, self.edge_quant, self.neuron)(x, train=train, anneal_t=anneal_t)
     for item in rest:
       if item == 'A':
-        h = layers.unfold_time(layers.avg_pool(layers.fold_time(h)), self.T)
+        h = layers.AvgPool(2)(h)
       else:
         h = layers.ConvNormSpike(int(item), 1, self.quant, self.neuron)(
             h, train=train, anneal_t=anneal_t)
@@ -148,36 +209,51 @@ VGGSNN_LAYOUT = (64, 128, 'A', 256, 256, 'A', 512, 512, 'A', 512, 512, 'A')
 VGG16_LAYOUT = (64, 64, 'A', 128, 128, 'A', 256, 256, 256, 'A', 512, 512, 512, 'A',
                 512, 512, 512, 'A')
 
-MODELS = ('digits_cnn', 'resnet19', 'vggsnn', 'vgg16')
+
+@register_model('vggsnn')
+class VGGSNN(VGG):
+  """TET's VGGSNN (CIFAR10-DVS, 48x48 event frames)."""
+  layout: Sequence[Any] = VGGSNN_LAYOUT
+  global_pool: bool = False
+
+
+@register_model('vgg16')
+class VGG16(VGG):
+  """VGG16 with global average pooling (Tiny-ImageNet, 64x64)."""
+  layout: Sequence[Any] = VGG16_LAYOUT
+  global_pool: bool = True
+
+
+@register_model('seq_mlp')
+class SeqMLP(_SpikingNet):
+  """Dense 1-bit net for sequences ``[B, T, F]`` (e.g. row-sequential images, one row per
+  step): a dense stem, 1-bit ``DenseNormSpike`` layers (norm over ``T*B``), a per-step
+  readout. Time-major inside like every other model."""
+  T: int = 28
+  hidden: Sequence[int] = (256, 256)
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False, anneal_t=None):
+    first, *rest = self.hidden
+    h = DenseStem(first, self.T, self.edge_quant, self.neuron)(x, train=train, anneal_t=anneal_t)
+    for w in rest:
+      h = layers.DenseNormSpike(w, self.quant, self.neuron)(h, train=train, anneal_t=anneal_t)
+    return Classifier(self.num_classes, self.edge_quant, global_pool=False)(h, anneal_t)
 
 
 def create_model(cfg, *, num_classes: int) -> nn.Module:
-  """Builds the model named ``cfg.name`` from a config's ``model`` section.
+  """Builds the registered model ``cfg.name`` from a config's ``model`` section.
 
-  Fields (see :func:`mfp_jax.config_lib.base_config`): ``name``, ``T``, ``neuron`` (kind,
-  vth, surrogate, surrogate_alpha (0: default), tau, membrane_bits (0: float)),
-  ``weight_bits``, ``first_last_bits``, ``binary_scale``, ``estimator``, and ``channels``
-  for ``digits_cnn``.
+  Every other field of the section is a keyword argument of the builder (nested sections
+  become the dataclasses the builder expects: ``neuron`` a :class:`NeuronSpec`, ``quant`` and
+  ``edge_quant`` :class:`QuantSpec`); ``num_classes`` comes from the data set.
 
   Raises:
-    ValueError: unknown model name or bad field values, listing what is allowed.
+    ValueError: unknown model name (listing the registered ones) or fields the builder does
+      not take.
   """
-  n = cfg.neuron
-  neuron = NeuronSpec(kind=n.kind, vth=float(n.vth), surrogate=n.surrogate,
-                      alpha=float(n.surrogate_alpha) or None, tau=float(n.tau),
-                      membrane_bits=int(n.membrane_bits) or None)
-  q = QuantSpec(bits=int(cfg.weight_bits), scale=cfg.binary_scale, estimator=cfg.estimator)
-  edge = QuantSpec(bits=int(cfg.first_last_bits))
-  common = dict(num_classes=num_classes, T=int(cfg.T), neuron=neuron, quant=q, edge_quant=edge)
-  if cfg.name == 'digits_cnn':
-    return DigitsNet(channels=tuple(cfg.channels), **common)
-  if cfg.name == 'resnet19':
-    return ResNet19(**common)
-  if cfg.name == 'vggsnn':
-    return VGG(layout=VGGSNN_LAYOUT, global_pool=False, **common)
-  if cfg.name == 'vgg16':
-    return VGG(layout=VGG16_LAYOUT, global_pool=True, **common)
-  raise ValueError(f'unknown model {cfg.name!r}; allowed: {list(MODELS)}')
+  from mfp_jax import config_lib  # Deferred: config_lib reads this module's registry.
+  return config_lib.build(MODELS.get(cfg.name), cfg, num_classes=num_classes, kind='model')
 
 
 def init_variables(model: nn.Module, input_shape: Sequence[int], key: jax.Array) -> dict:

@@ -266,6 +266,7 @@ class FoldedThresholds(NamedTuple):
   bias: jax.Array   # [T, C] vth - c * (M 1)[t]: the static part of the threshold
   a: jax.Array      # [C]    scale of the history term
   m_off: jax.Array  # [T, T] strictly lower part of M: how past counts move the threshold
+  m_diag: jax.Array | None = None  # [T] M[t, t]: how a second branch's current moves it
 
 
 def fold_thresholds(m: jax.Array, vth: float | jax.Array, a: jax.Array,
@@ -289,58 +290,86 @@ def fold_thresholds(m: jax.Array, vth: float | jax.Array, a: jax.Array,
   ml = jnp.tril(m).astype(a.dtype)
   gain = jnp.diagonal(ml)[:, None] * a[None, :]
   bias = vth - ml.sum(axis=1)[:, None] * c[None, :]
-  return FoldedThresholds(gain=gain, bias=bias, a=a, m_off=jnp.tril(ml, -1))
+  return FoldedThresholds(gain=gain, bias=bias, a=a, m_off=jnp.tril(ml, -1),
+                          m_diag=jnp.diagonal(ml))
 
 
-def step_thresholds(folded: FoldedThresholds, t: jax.Array, history: jax.Array) -> jax.Array:
-  """Threshold on the count ``C[t]`` at step ``t``: ``(bias[t] - a * history) / gain[t]``.
-
-  ``history = sum_{i<t} M[t, i] C[i]`` (``[..., C]``). Where ``gain[t] < 0`` the neuron fires
-  at or *below* the threshold; where ``gain[t] == 0`` the result is ``inf`` and
-  :func:`folded_serial` uses the constant ``0 >= bias - a * history`` instead.
-  """
+def _rhs(folded: FoldedThresholds, t: jax.Array, history: jax.Array,
+         extra: jax.Array | None) -> jax.Array:
+  """``bias[t] - a * history [- extra]``: what ``gain[t] * C[t]`` is compared against."""
   rhs = folded.bias[t] - folded.a * history
+  return rhs if extra is None else rhs - extra
+
+
+def step_thresholds(folded: FoldedThresholds, t: jax.Array, history: jax.Array, *,
+                    extra: jax.Array | None = None) -> jax.Array:
+  """Threshold on the count ``C[t]`` at step ``t``: ``(bias[t] - a * history - extra) / gain[t]``.
+
+  ``history = sum_{i<t} M[t, i] C[i]`` (``[..., C]``); ``extra = sum_{i<=t} M[t, i] E[i]``, the
+  part of the membrane a second branch contributes (None: no second branch). Where
+  ``gain[t] < 0`` the neuron fires at or *below* the threshold; where ``gain[t] == 0`` the
+  result is ``inf`` and :func:`folded_serial` uses the constant ``0 >= bias - a * history -
+  extra`` instead.
+  """
+  rhs = _rhs(folded, t, history, extra)
   g = folded.gain[t]
   return jnp.where(g != 0, rhs / jnp.where(g != 0, g, 1), jnp.inf)
 
 
-def folded_serial(counts: jax.Array, folded: FoldedThresholds,
-                  *, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+def folded_serial(counts: jax.Array, folded: FoldedThresholds, *,
+                  extra: jax.Array | None = None, dtype: jnp.dtype = jnp.float32) -> jax.Array:
   """Serial inference on integer spike counts with folded per-step thresholds.
 
   A ``lax.scan`` over ``t``; the carry holds ``sum_{i<t'} M[t', i] C[i]`` for the current and
   future steps (for the column form this is one number per neuron). Each step compares the
   integer count ``C[t]`` with its threshold from :func:`step_thresholds`.
 
+  With ``extra`` (a residual sum ``X = a C + c + E``, e.g. identity-shortcut spikes or a 1x1
+  shortcut's ``a2 C2 + c2``), the count ``C`` stays isolated and ``E``'s per-step contribution
+  moves into the threshold; the scan then carries ``E``'s history too. Both read only step
+  ``t`` of their inputs.
+
   Args:
     counts: integer counts ``[T, ..., C]`` (``sign(W) S`` of a binary layer).
     folded: from :func:`fold_thresholds` with ``C`` channels.
+    extra: ``[T, ..., C]`` the second branch's current, or None.
     dtype: float dtype of the threshold arithmetic (``float64`` needs ``jax_enable_x64``).
 
   Returns:
     spikes ``[T, ..., C]`` as ``dtype``; equal to
-    ``mfp_parallel(a * counts + c, m, vth=vth)`` up to float rounding at exact ties.
+    ``mfp_parallel(a * counts + c [+ extra], m, vth=vth)`` up to float rounding at exact ties.
   """
   t = check_time_major(counts, folded.m_off, name='counts')
   if folded.gain.shape != (t, counts.shape[-1]):
     raise ValueError(f'folded thresholds are for [T, C] = {folded.gain.shape}, counts have '
                      f'T = {t} and C = {counts.shape[-1]} (shape {counts.shape})')
+  if extra is not None and extra.shape != counts.shape:
+    raise ValueError(f'counts and extra must both be [T, ..., C], got {counts.shape} and '
+                     f'{extra.shape}')
   folded = jax.tree.map(lambda v: v.astype(dtype), folded)
   cols = folded.m_off.T
 
-  def step(hist, inp):
-    idx, col, ct = inp
-    h_t = jax.lax.dynamic_index_in_dim(hist, idx, keepdims=False)
-    theta = step_thresholds(folded, idx, h_t)
-    g = folded.gain[idx]
+  def step(carry, inp):
+    hist, ehist = carry
+    idx, col, diag, ct, et = inp
     cf = ct.astype(dtype)
+    e_t = None if extra is None else ehist[idx] + diag * et.astype(dtype)
+    h_t = jax.lax.dynamic_index_in_dim(hist, idx, keepdims=False)
+    theta = step_thresholds(folded, idx, h_t, extra=e_t)
+    g = folded.gain[idx]
     spike = jnp.where(g > 0, cf >= theta,
-                      jnp.where(g < 0, cf <= theta, 0 >= folded.bias[idx] - folded.a * h_t))
+                      jnp.where(g < 0, cf <= theta, 0 >= _rhs(folded, idx, h_t, e_t)))
+    # Future steps t' > t see this step through M[t', t] (the strictly lower column).
     hist = hist + _expand(col, hist.ndim) * cf[None]
-    return hist, spike.astype(dtype)
+    if extra is not None:
+      ehist = ehist + _expand(col, hist.ndim) * et.astype(dtype)[None]
+    return (hist, ehist), spike.astype(dtype)
 
-  hist0 = jnp.zeros(counts.shape, dtype)
-  _, spikes = jax.lax.scan(step, hist0, (jnp.arange(t), cols, counts))
+  zeros = jnp.zeros(counts.shape, dtype)
+  diag = folded.m_diag if folded.m_diag is not None else jnp.zeros((t,), dtype)
+  xs = (jnp.arange(t), cols, diag, counts, counts if extra is None else extra)
+  _, spikes = jax.lax.scan(step, (zeros, zeros if extra is not None else jnp.zeros((), dtype)),
+                           xs)
   return spikes
 
 

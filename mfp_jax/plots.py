@@ -6,7 +6,6 @@ needs a display. Each function writes one PNG and returns its path.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -14,18 +13,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from mfp_jax import run_log
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """Records of a ``metrics.jsonl`` (one JSON object per line; unreadable lines skipped, since
-  a run killed mid-write can leave half a line)."""
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return out
+
+def read_metrics(path: str) -> run_log.Records:
+  """The log records of a ``metrics.jsonl``, in order.
+
+  Anything else is skipped and counted in the result's ``skipped``: half a line left by a
+  kill, bytes that are not UTF-8, JSON that is not an object with an int ``step`` and a str
+  ``split``.
+  """
+  return run_log.read_records(path)
 
 
 def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str) -> str:
@@ -111,30 +109,29 @@ def plot_mode_accuracy(accuracy: Mapping[str, float], path: str) -> str:
 
 def neuron_matrices(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """``{neuron path: M [T, T]}`` of every MFP neuron in a params tree (``tau`` -> column M)."""
-  from mfp_jax import folding  # Deferred: plotting a metrics file needs no JAX.
-  out: dict[str, np.ndarray] = {}
-
-  def walk(tree, prefix):
-    if 'M' in tree or 'tau' in tree:
-      out[prefix] = folding.neuron_matrix(tree)
-      return
-    for k, v in tree.items():
-      if isinstance(v, Mapping):
-        walk(v, f'{prefix}/{k}' if prefix else k)
-
-  walk(params, '')
-  return out
+  from flax import traverse_util  # Deferred: plotting a metrics file needs no JAX.
+  from mfp_jax import folding
+  by_layer: dict[str, dict[str, Any]] = {}
+  for k, v in traverse_util.flatten_dict(params).items():
+    by_layer.setdefault('/'.join(k[:-1]), {})[k[-1]] = v
+  return {path: folding.neuron_matrix(p) for path, p in by_layer.items()
+          if 'M' in p or 'tau' in p}
 
 
-def write_all(workdir: str, *, params: Mapping[str, Any] | None = None,
+def write_all(workdir: str, *, metrics_dir: str | None = None,
+              params: Mapping[str, Any] | None = None,
               rates: Mapping[str, float] | None = None,
               accuracy: Mapping[str, float] | None = None) -> list[str]:
-  """Writes every plot whose inputs exist into ``workdir``; returns the paths written."""
+  """Writes every plot whose inputs exist into ``workdir`` (the run's ``metrics.jsonl`` is
+  read from ``metrics_dir``, default ``workdir``); returns the paths written."""
   written = []
-  metrics = os.path.join(workdir, 'metrics.jsonl')
+  metrics = os.path.join(metrics_dir or workdir, 'metrics.jsonl')
   if os.path.exists(metrics):
-    written.append(plot_training_curves(read_metrics(metrics),
-                                        os.path.join(workdir, 'training_curves.png')))
+    records = read_metrics(metrics)
+    if records.skipped:
+      print(f'plots: skipped {records.skipped} lines of {metrics} that are not log records',
+            flush=True)
+    written.append(plot_training_curves(records, os.path.join(workdir, 'training_curves.png')))
   if rates:
     written.append(plot_firing_rates(rates, os.path.join(workdir, 'firing_rates.png')))
   ms = neuron_matrices(params) if params is not None else {}

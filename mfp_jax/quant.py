@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def _channel_axes(w: jax.Array) -> tuple[int, ...]:
@@ -89,11 +90,12 @@ def anneal_schedule(step: jax.Array | int, total_steps: int, *, t_min: float = 0
                     t_max: float = 10.0) -> jax.Array:
   """Log-uniform sharpness ``t_min * (t_max / t_min)^(step / total_steps)``, clipped to the ends.
 
-  A pure function of the step: compute it outside (or inside) the jitted step and pass it
-  in as a float32 scalar.
+  Optax's ``exponential_decay`` with a growth rate: a pure function of the step, computed
+  outside (or inside) the jitted step and passed in as a float32 scalar.
   """
-  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(total_steps), 1), 0.0, 1.0)
-  return jnp.float32(t_min) * (jnp.float32(t_max / t_min) ** frac)
+  schedule = optax.exponential_decay(jnp.float32(t_min), max(int(total_steps), 1),
+                                     jnp.float32(t_max / t_min), end_value=jnp.float32(t_max))
+  return jnp.asarray(schedule(jnp.asarray(step, jnp.float32)), jnp.float32)
 
 
 def binarize_pow2(w: jax.Array, *, estimator: str = 'ste', t: jax.Array | float = 1.0,

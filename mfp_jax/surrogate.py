@@ -17,6 +17,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mfp_jax import registry
+
 SpikeFn = Callable[[jax.Array], jax.Array]
 
 
@@ -115,26 +117,27 @@ def triangle(x: jax.Array, alpha: float = 1.0) -> jax.Array:
   return _triangle(x, float(alpha))
 
 
-SURROGATES: dict[str, tuple[SpikeFn, float]] = {
-    'atan': (atan, 2.0),
-    'sigmoid': (sigmoid, 4.0),
-    'triangle': (triangle, 1.0),
-}
+# name -> (step function of (x, alpha), default alpha).
+SURROGATES: registry.Registry[tuple[Callable[..., jax.Array], float]] = registry.Registry(
+    'surrogate')
+register_surrogate = registry.registrar(SURROGATES)
+register_surrogate('atan', (atan, 2.0))
+register_surrogate('sigmoid', (sigmoid, 4.0))
+register_surrogate('triangle', (triangle, 1.0))
 
 
 def get_surrogate(name: str, alpha: float | None = None) -> SpikeFn:
   """Returns the step function ``x -> spikes`` named ``name`` with its ``alpha`` bound.
 
   Args:
-    name: one of ``SURROGATES`` (``'atan'``, ``'sigmoid'``, ``'triangle'``).
+    name: registered in ``SURROGATES`` (built in: ``'atan'``, ``'sigmoid'``, ``'triangle'``;
+      add one with ``register_surrogate(name, (fn, default_alpha))``).
     alpha: sharpness; ``None`` uses the surrogate's default.
 
   Raises:
     ValueError: unknown name or non-positive ``alpha``.
   """
-  if name not in SURROGATES:
-    raise ValueError(f'unknown surrogate {name!r}; allowed: {sorted(SURROGATES)}')
-  fn, default = SURROGATES[name]
+  fn, default = SURROGATES.get(name)
   alpha = default if alpha is None else float(alpha)
   if not alpha > 0:
     raise ValueError(f'surrogate alpha must be > 0, got {alpha}')

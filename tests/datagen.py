@@ -85,3 +85,48 @@ def write_cifar10dvs(root, per_class, n_events):
       write_aedat4(os.path.join(root, 'CIFAR10DVS', name, f'cifar10_{name}_{i}.aedat4'),
                    n_events, seed=100 * c + i)
   return root
+
+
+def write_idx(path, array, *, gz=True, magic=None):
+  """An IDX file as Fashion-MNIST ships it: big-endian uint32 magic and sizes, then uint8 data.
+
+  Args:
+    path: file to write (no suffix is added: name it ``.gz`` when ``gz``).
+    array: uint8 ``[N, ...]``.
+    gz: gzip-compress it.
+    magic: header magic; default ``0x0800 + array.ndim`` (2051 for images, 2049 for labels).
+
+  Returns:
+    ``path``.
+  """
+  array = np.asarray(array, np.uint8)
+  magic = 0x0800 + array.ndim if magic is None else magic
+  header = np.asarray((magic,) + array.shape, '>u4').tobytes()
+  data = header + array.tobytes()
+  if gz:
+    import gzip
+    data = gzip.compress(data, mtime=0)
+  with open(path, 'wb') as f:
+    f.write(data)
+  return path
+
+
+def write_fashion_mnist(folder, n_train, n_test, seed=0, *, gz=True):
+  """The four Fashion-MNIST IDX files with random images, labels cycling over 0..9.
+
+  Returns:
+    ``{split: (images uint8 [N, 28, 28], labels uint8 [N])}`` as written.
+  """
+  names = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+           'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+  os.makedirs(folder, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  written = {}
+  for split, n in (('train', n_train), ('test', n_test)):
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = ((np.arange(n) + rng.integers(0, 10)) % 10).astype(np.uint8)
+    suffix = '.gz' if gz else ''
+    write_idx(os.path.join(folder, names[split][0] + suffix), images, gz=gz)
+    write_idx(os.path.join(folder, names[split][1] + suffix), labels, gz=gz)
+    written[split] = (images, labels)
+  return written

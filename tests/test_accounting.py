@@ -104,9 +104,9 @@ def test_deployable_bytes_equal_the_packed_program(edge_bits):
 def test_input_spec_from_config_alone():
   c = config_lib.base_config()
   assert accounting.input_spec(c) == ((8, 8, 1), 10)
-  c.data.name, c.model.T, c.data.size = 'cifar10dvs', 5, 48
+  c.data, c.model.T = config_lib.data_config('cifar10dvs', data_dir='/nowhere', size=48), 5
   assert accounting.input_spec(c) == ((5, 48, 48, 2), 10)
-  c.data.name = 'cifar100'
+  c.data = config_lib.data_config('cifar100', data_dir='/nowhere')
   assert accounting.input_spec(c) == ((32, 32, 3), 100)
 
 

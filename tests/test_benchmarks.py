@@ -27,7 +27,7 @@ def test_benchmark_runs_at_tiny_size(name, tmp_path, capsys):
   printed = capsys.readouterr().out
   if name == 'peers' and 'skipped' in printed:
     assert printed.count('\n') == 1 and not out.exists()  # one line, nothing written
-    return
+    pytest.skip('torch and spikingjelly are not installed: the peers ran nothing')
   assert '| ' in printed and str(out) in printed
   data = json.loads(out.read_text())
   env = data['environment']

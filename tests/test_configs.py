@@ -11,7 +11,7 @@ from helpers import ROOT, run_script
 from mfp_jax import config_lib
 
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs'))
-                 if f.endswith('.py') and f != 'paper_recipe.py')
+                 if f.endswith('.py') and f not in ('paper_recipe.py', '__init__.py'))
 
 
 def load_config(name):
@@ -22,7 +22,8 @@ def load_config(name):
 
 
 def test_all_expected_configs_exist():
-  assert set(CONFIGS) == {'digits', 'cifar10', 'cifar100', 'tinyimagenet', 'cifar10dvs'}
+  assert set(CONFIGS) == {'digits', 'cifar10', 'cifar100', 'tinyimagenet', 'cifar10dvs',
+                          'fashion_mnist', 'seq_fashion_mnist'}
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -43,8 +44,8 @@ PAPER = {'cifar10': ('resnet19', 4), 'cifar100': ('resnet19', 4),
 def test_paper_configs_follow_table_one_and_the_recipe(name):
   c = load_config(name)
   assert (c.model.name, c.model.T) == PAPER[name]
-  assert c.model.weight_bits == 1 and c.model.first_last_bits == 8
-  assert c.model.neuron.kind == 'mfp' and c.model.estimator == 'annealed'
+  assert c.model.quant.bits == 1 and c.model.edge_quant.bits == 8
+  assert c.model.neuron.kind == 'mfp' and c.model.quant.estimator == 'annealed'
   assert (c.optim.name, c.optim.learning_rate, c.optim.momentum, c.optim.weight_decay) == (
       'sgd', 0.1, 0.9, 1e-4)
   assert (c.num_epochs, c.data.batch_size, c.loss.name, c.loss.fr_lambda) == (
@@ -56,6 +57,8 @@ def _write_data(name, root):
     datagen.write_tfds_cifar(root, name, n_train=8, n_test=4)
   elif name == 'tinyimagenet':
     datagen.write_tinyimagenet(root / 'tiny-imagenet-200', n_train=2, n_val=3)
+  elif name in ('fashion_mnist', 'seq_fashion_mnist'):
+    datagen.write_fashion_mnist(root, n_train=8, n_test=4)
   elif name == 'cifar10dvs':
     pytest.importorskip('dv_processing')
     datagen.write_cifar10dvs(root, per_class=10, n_events=200)  # 9:1 split per class

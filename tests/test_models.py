@@ -1,7 +1,6 @@
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -11,10 +10,7 @@ from mfp_jax import models
 
 
 def model_cfg(name, T=4, kind='mfp', **kw):
-  c = config_lib.base_config().model
-  c.name, c.T, c.neuron.kind = name, T, kind
-  c.update(kw)
-  return c
+  return config_lib.model_config(name, T=T, neuron={'kind': kind}, **kw)
 
 
 # --- Independent parameter counts, from each architecture's layer list ---------------------
@@ -100,7 +96,9 @@ def test_forward_on_tiny_batch(name):
                                                  mutable=['batch_stats', 'intermediates']))(v, x)
   chex.assert_shape(logits, (T, 2, classes))
   chex.assert_tree_all_finite(logits)
-  assert len(jax.tree.leaves(col['intermediates'])) >= 3
+  # One firing rate per spiking layer, every one of them sown.
+  assert len(jax.tree.leaves(col['intermediates'])) == len(
+      models.spiking_layer_names(model, shape)) >= 3
 
 
 def test_firing_rates_in_call_order():
@@ -138,7 +136,11 @@ def test_quant_spec_levels(bits, levels, rng):
     for u in per_channel:
       assert len(u) == 2 and u[0] == -u[1] and np.log2(u[1]) == np.round(np.log2(u[1]))
   elif bits == 8:
-    assert len(np.unique(np.asarray(q))) <= 255
+    # Eq. 4 levels: alpha * k / 127 for integer k in [-127, 127], alpha = max |w|.
+    alpha = np.abs(np.asarray(w)).max()
+    k = np.asarray(q) / alpha * 127
+    np.testing.assert_allclose(k, np.round(k), atol=1e-4)
+    assert 2 < len(np.unique(np.round(k))) <= 255 and not np.allclose(q, w)
   else:
     np.testing.assert_array_equal(q, w)
 

@@ -5,25 +5,18 @@ Each process is ``train.py --coordinator_address=127.0.0.1:PORT --num_processes=
 two devices (same seed, same global batch of 64).
 """
 
-import json
 import os
 import socket
-import subprocess
-import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from helpers import ROOT
+from helpers import TINY_TRAIN, Processes, read_metrics, saved_arrays
 from mfp_jax import cli
 from mfp_jax import data as data_lib
 
-TINY = ['train.py', '--config', 'configs/digits.py', '--config.num_epochs=2',
-        '--config.model.channels=(8,16,16)', '--config.progress=False',
-        '--config.log_every_steps=3', '--config.checkpoint_every_steps=5']
+TINY = TINY_TRAIN + ['--config.log_every_steps=3', '--config.checkpoint_every_steps=5']
 
 
 def free_port():
@@ -32,25 +25,14 @@ def free_port():
     return s.getsockname()[1]
 
 
-class Procs:
-  """train.py subprocesses; output to files (a full pipe would stall them)."""
-
-  def __init__(self, tmp_path):
-    self.tmp, self.all = tmp_path, []
+class Procs(Processes):
+  """train.py runs of the tiny config, at XLA's lowest optimization level: it halves the
+  compile time that dominates these short runs (every run compared here uses it)."""
 
   def start(self, name, workdir, *extra, devices=1):
-    # XLA's lowest optimization level halves the compile time that dominates these short runs;
-    # every run compared here uses it.
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-                         '--xla_backend_optimization_level=0')
-    log = self.tmp / f'{name}.log'
-    with open(log, 'w') as f:
-      p = subprocess.Popen([sys.executable, *TINY, '--workdir', str(workdir), *extra], cwd=ROOT,
-                           env=env, stdout=f, stderr=subprocess.STDOUT)
-    p.log = log
-    self.all.append(p)
-    return p
+    flags = f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0'
+    return super().start(name, [*TINY, '--workdir', str(workdir), *extra],
+                         env={'XLA_FLAGS': flags})
 
   def pair(self, name, workdir, *extra, heartbeat=10):
     port = free_port()
@@ -59,18 +41,7 @@ class Procs:
                        f'--heartbeat_timeout_s={heartbeat}', '--distributed_init_timeout_s=60')
             for i in range(2)]
 
-  @staticmethod
-  def finish(p, timeout=180):
-    p.wait(timeout=timeout)
-    out = p.log.read_text()
-    assert p.returncode == 0, out[-3000:]
-    return out
-
-  def kill_all(self):
-    for p in self.all:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  finish = Processes.finish_ok
 
 
 @pytest.fixture
@@ -81,20 +52,10 @@ def procs(tmp_path):
 
 
 def metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(l) for l in f]
+  return read_metrics(workdir, keep_time=True)
 
 
-def saved_state(step_dir):
-  """One step's saved state as {path: numpy array}, onto this process's one device (it was
-  saved from two)."""
-  path = os.path.join(step_dir, 'state')
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as c:
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          c.metadata(path).item_metadata)
-    flat = jax.tree_util.tree_flatten_with_path(c.restore(path, target))[0]
-  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+saved_state = saved_arrays
 
 
 def test_two_processes_train_like_one_process_with_two_devices_and_resume(procs, tmp_path):

@@ -13,7 +13,8 @@ import tomllib
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 NOTEBOOK = os.path.join(ROOT, 'notebooks', 'colab_tpu.ipynb')
 
 
@@ -44,24 +45,31 @@ def test_scripts_modules_and_configs_exist(cells):
     assert os.path.isfile(os.path.join(ROOT, *mod.split('.')) + '.py'), mod
 
 
+def _config_fields(path):
+  """Every field of the config file at ``path`` (dotted names)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('nb_config', os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return _flat(module.get_config())
+
+
+def _flat(cfg, prefix=''):
+  out = set()
+  for k, v in cfg.items():
+    out |= _flat(v, f'{prefix}{k}.') if hasattr(v, 'items') else {prefix + k}
+  return out
+
+
 def test_flags_and_config_fields_exist(cells):
-  from mfp_jax import config_lib
-  fields = set()
-
-  def walk(cfg, prefix=''):
-    for k, v in cfg.items():
-      if hasattr(v, 'items'):
-        walk(v, f'{prefix}{k}.')
-      else:
-        fields.add(prefix + k)
-
-  walk(config_lib.base_config())
   cli_src = open(os.path.join(ROOT, 'mfp_jax', 'cli.py')).read()
   for line in _shell_lines(cells):
     script = re.search(r'python (\S+\.py)', line)
     if not script:
       continue
     src = open(os.path.join(ROOT, script.group(1))).read() + cli_src
+    config = re.search(r'--config[= ](\S+\.py)', line)
+    fields = _config_fields(config.group(1)) if config else set()
     for field in re.findall(r'--config\.([\w.]+)=', line):
       assert field in fields, f'{script.group(1)}: unknown config field {field}'
     for flag in re.findall(r'--(\w+)', line):
@@ -72,7 +80,8 @@ def test_flags_and_config_fields_exist(cells):
 def test_data_prepare_command_matches_the_cli(cells):
   line = next(x for x in _shell_lines(cells) if 'mfp_jax.data_sources' in x)
   src = open(os.path.join(ROOT, 'mfp_jax', 'data_sources.py')).read()
-  assert 'prepare cifar10 --data_dir' in line and "choices=['prepare']" in src
+  assert 'prepare cifar10 --data_dir' in line
+  assert "argv[1] != 'prepare'" in src and "DEFINE_string('data_dir'" in src
 
 
 def test_pip_extras_exist(cells):

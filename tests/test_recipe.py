@@ -92,7 +92,7 @@ def test_per_step_loss_and_firing_rate_term_by_hand():
 
 
 def test_changing_t_does_not_recompile(tiny_config):
-  tiny_config.model.estimator = 'annealed'
+  tiny_config.model.quant.estimator = 'annealed'
   ds = data_lib.create_dataset(tiny_config.data, T=4)
   model = models.create_model(tiny_config.model, num_classes=10)
   tx = train_lib.create_optimizer(tiny_config.optim, lambda s: 1e-3)
@@ -110,7 +110,7 @@ def test_changing_t_does_not_recompile(tiny_config):
 
 
 def test_annealed_gradient_reaches_latent_weights(tiny_config):
-  tiny_config.model.estimator = 'annealed'
+  tiny_config.model.quant.estimator = 'annealed'
   ds = data_lib.create_dataset(tiny_config.data, T=4)
   model = models.create_model(tiny_config.model, num_classes=10)
   v = models.init_variables(model, ds.input_shape, jax.random.key(0))
@@ -129,7 +129,7 @@ def test_annealed_gradient_reaches_latent_weights(tiny_config):
 
 
 def test_recipe_run_trains_above_chance(tmp_path):
-  c = tiny_digits_config(**{'model.estimator': 'annealed', 'model.first_last_bits': 8,
+  c = tiny_digits_config(**{'model.quant.estimator': 'annealed', 'model.edge_quant.bits': 8,
                             'loss.fr_lambda': 5e-3})
   result = train_lib.train_and_evaluate(c, str(tmp_path))
   assert result.metrics['accuracy'] > 0.5

@@ -12,36 +12,25 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
-from helpers import ROOT, run_script, tiny_digits_config
+from helpers import TINY_TRAIN, Processes, read_metrics, run_script, saved_arrays
+from helpers import tiny_digits_config
 from mfp_jax import checkpoints
 from mfp_jax import cli
 from mfp_jax import data as data_lib
 from mfp_jax import train_lib
 
 # The command-line twin of tiny_config().
-TINY = ['train.py', '--config', 'configs/digits.py', '--config.num_epochs=2',
-        '--config.model.channels=(8,16,16)', '--config.progress=False',
-        '--config.log_every_steps=5', '--config.checkpoint_every_steps=5']
+TINY = TINY_TRAIN + ['--config.log_every_steps=5', '--config.checkpoint_every_steps=5']
 FINAL = re.compile(r'final test accuracy: ([\d.]+) on (\d+) examples \(best ([\d.]+), step (\d+)')
+metrics = read_metrics
 
 
 def tiny_config(**kw):
   return tiny_digits_config(**{'checkpoint_every_steps': 5, **kw})
-
-
-def metrics(workdir):
-  """metrics.jsonl without the wall-clock times."""
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [{k: v for k, v in json.loads(l).items() if k != 'time'} for l in f]
 
 
 def committed_steps(workdir):
@@ -49,54 +38,12 @@ def committed_steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-def load_arrays(step_dir):
-  """The saved state of one step as numpy arrays, read without a model."""
-  path = os.path.join(step_dir, 'state')
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  with ocp.StandardCheckpointer() as c:
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
-                          c.metadata(path).item_metadata)
-    return jax.tree.map(np.asarray, c.restore(path, target))
-
-
-class Runs:
-  """train.py subprocesses of one test; output goes to files (a full pipe would stall them)."""
-
-  def __init__(self, tmp_path, cache_env):
-    self.tmp, self.env, self.procs = tmp_path, cache_env, []
+class Runs(Processes):
+  """train.py runs of one test on the tiny config, sharing an XLA compilation cache."""
 
   def start(self, name, workdir, *extra, env=None):
-    e = dict(os.environ, JAX_PLATFORMS='cpu', **self.env)
-    e.pop('XLA_FLAGS', None)
-    e.update(env or {})
-    log = self.tmp / f'{name}.log'
-    with open(log, 'w') as f:
-      p = subprocess.Popen([sys.executable, *TINY, '--workdir', str(workdir), *extra], cwd=ROOT,
-                           env=e, stdout=f, stderr=subprocess.STDOUT)
-    p.log = log
-    self.procs.append(p)
-    return p
-
-  @staticmethod
-  def output(p):
-    return p.log.read_text()
-
-  def wait_until(self, cond, p, timeout=90):
-    t0 = time.time()
-    while not cond():
-      assert p.poll() is None, f'exited early ({p.returncode}):\n{self.output(p)[-3000:]}'
-      assert time.time() - t0 < timeout, f'timed out:\n{self.output(p)[-3000:]}'
-      time.sleep(0.02)
-
-  def finish(self, p, timeout=120):
-    p.wait(timeout=timeout)
-    return p.returncode, self.output(p)
-
-  def kill_all(self):
-    for p in self.procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+    return super().start(name, [*TINY, '--workdir', str(workdir), *extra],
+                         env={'XLA_FLAGS': '', **(env or {})})
 
 
 @pytest.fixture(scope='module')
@@ -234,7 +181,7 @@ def test_nonfinite_steps_are_skipped_with_nan_policy_skip(monkeypatch, capsys, t
   out = capsys.readouterr().out
   assert 'warning: skipped 1 step(s) with a non-finite loss, gradient or weights: [4]' in out
   for d in glob.glob(str(tmp_path / '*' / '[0-9]*')):  # every saved state, latest and best
-    assert all(np.isfinite(a).all() for a in jax.tree.leaves(load_arrays(d))), d
+    assert all(np.isfinite(a).all() for a in saved_arrays(d).values()), d
 
 
 def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(runs, tmp_path):
@@ -254,8 +201,8 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(runs, tmp_pat
   assert good == bad - 1 == committed_steps(tmp_path)[-1]
   assert m[3] == str(tmp_path / 'checkpoints' / str(good))
   for step in committed_steps(tmp_path):  # only finite states reached the disk
-    state = load_arrays(str(tmp_path / 'checkpoints' / str(step)))
-    assert all(np.isfinite(a).all() for a in jax.tree.leaves(state))
+    state = saved_arrays(str(tmp_path / 'checkpoints' / str(step)))
+    assert all(np.isfinite(a).all() for a in state.values())
 
 
 # --- Bad input -------------------------------------------------------------------------------

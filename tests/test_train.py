@@ -12,17 +12,12 @@ from helpers import run_script, tiny_digits_config
 from mfp_jax import checkpoints
 from mfp_jax import config_lib
 from mfp_jax import data as data_lib
-from mfp_jax import models
 from mfp_jax import train_lib
 
 
 def _setup(config):
-  ds = data_lib.create_dataset(config.data, T=config.model.T)
-  model = models.create_model(config.model, num_classes=ds.num_classes)
-  lr = train_lib.create_learning_rate_fn(config.optim, 10, 100)
-  tx = train_lib.create_optimizer(config.optim, lr)
-  state = train_lib.create_train_state(model, tx, ds.input_shape, jax.random.key(0))
-  return ds, model, tx, state
+  s = train_lib.setup(config, train_lib.create_mesh())
+  return s.dataset, s.model, s.tx, s.init(jax.random.key(0))
 
 
 def test_train_step_lowers_loss(tiny_config):
@@ -108,13 +103,14 @@ def test_two_devices_match_one(tmp_path):
 # --- Bad input stops at start-up with a one-line error ------------------------------------
 
 BAD = [
-    ('model.name', 'resnet50', "one of \\['digits_cnn', 'resnet19', 'vggsnn', 'vgg16'\\]"),
+    ('model.name', 'resnet50',
+     "one of \\['digits_cnn', 'resnet19', 'vggsnn', 'vgg16', 'seq_mlp'\\]"),
     ('model.neuron.kind', 'izh', "one of \\['mfp', 'mfp_column', 'lif', 'relu'\\]"),
     ('data.name', 'mnist', "one of \\['digits', 'cifar10'"),
     ('model.T', 0, 'an integer in \\[1, 1024\\]'),
     ('optim.name', 'lamb', "one of \\['sgd', 'adamw'\\]"),
     ('loss.name', 'mse', 'one of'),
-    ('model.first_last_bits', 4, '8 or 32'),
+    ('model.edge_quant.bits', 1, '2..16 or 32'),
     ('optim.learning_rate', -1.0, '> 0'),
 ]
 

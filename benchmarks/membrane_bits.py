@@ -1,0 +1,123 @@
+"""The paper's Fig. 1 claim on a real temporal task: a low-bit LIF membrane loses history, MFP not.
+
+  python -m benchmarks.membrane_bits                     # the full table (hours on 2 cores)
+  python -m benchmarks.membrane_bits --seeds 0 --rows mfp lif_t0.5_m1 --epochs 1   # smoke
+
+Task: row-sequential Fashion-MNIST (`configs/seq_fashion_mnist.py`: one 28-pixel row per step,
+T = 28, dense 28-256-256-10). Rows: the MFP neuron (learned [T, T] M), its column form (Eq. 6),
+and LIF with tau 0.5 and 0.9, each with a float, 8-, 2- and 1-bit membrane. Columns:
+full-precision and 1-bit hidden weights. Every cell is the README's command, `python train.py
+--config configs/seq_fashion_mnist.py ...` with the row's and column's overrides, in a fresh
+subprocess, once per seed: mean +- std of the final test accuracy over the seeds, and the mean
+wall time per run (start-up and compilation included). On the trained MFP nets, `eval.py` then
+compares the exact serial form (folded integer thresholds with 1-bit weights; a float streaming
+scan with full-precision ones) and the paper's Eq. 9 with the parallel form.
+
+Baselines are not tuned down: every row uses the config's optimizer, schedule and epochs.
+Prints markdown tables; writes JSON (default benchmarks/results/membrane_bits.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from benchmarks import common
+
+CONFIG = 'configs/seq_fashion_mnist.py'
+LIF = '--config.model.neuron.kind=lif'
+
+
+def _lif(tau: float, bits: int | None) -> list[str]:
+  out = [LIF, f'--config.model.neuron.tau={tau}']
+  return out + ([f'--config.model.neuron.membrane_bits={bits}'] if bits else [])
+
+
+ROWS = {
+    'mfp': ('MFP (learned [T, T] M)', []),
+    'mfp_column': ('MFP column form (Eq. 6)', ['--config.model.neuron.kind=mfp_column']),
+    **{f'lif_t{tau}_{"float" if b is None else f"m{b}"}': (
+        f'LIF tau {tau}, {"float" if b is None else f"{b}-bit"} membrane', _lif(tau, b))
+       for tau in (0.5, 0.9) for b in (None, 8, 2, 1)},
+}
+WEIGHTS = {'fp32': ['--config.model.quant.bits=32'], '1bit': []}
+
+
+def run_cell(row: str, weights: str, seeds: list[int], tmp: str, epochs: int | None,
+             evaluate: bool) -> dict:
+  """One table cell: train.py once per seed; for MFP also eval.py's three-way comparison."""
+  runs = []
+  for seed in seeds:
+    workdir = os.path.join(tmp, f'{row}_{weights}_{seed}')
+    overrides = ROWS[row][1] + WEIGHTS[weights]
+    run = common.run_train_py(CONFIG, overrides, seed, workdir, epochs=epochs)
+    if evaluate:
+      run['eval'] = common.run_eval_py(CONFIG, overrides, workdir, epochs=epochs)
+    runs.append(run)
+  acc = np.array([r['accuracy'] for r in runs])
+  return {'row': row, 'weights': weights, 'runs': runs, 'mean': float(acc.mean()),
+          'std': float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+          'wall_s': float(np.mean([r['wall_s'] for r in runs]))}
+
+
+def _pct(cell: dict | None) -> str:
+  if cell is None:
+    return '-'
+  return f'{100 * cell["mean"]:.2f} +- {100 * cell["std"]:.2f} ({cell["wall_s"]:.0f} s)'
+
+
+def eval_table(cells: list[dict]) -> str:
+  """Exact serial and Eq. 9 against parallel, on the trained MFP nets (mean over seeds)."""
+  rows = []
+  for c in cells:
+    evals = [r['eval'] for r in c['runs'] if r.get('eval')]
+    if not evals:
+      continue
+    for mode in ('parallel', 'serial', 'eq9'):
+      mean = lambda f: float(np.mean([f(e) for e in evals]))
+      rows.append([f'{c["row"]}, {c["weights"]}', mode,
+                   f'{100 * mean(lambda e: e["accuracy"][mode]):.2f}%',
+                   '-' if mode == 'parallel' else
+                   f'{100 * mean(lambda e: e["prediction_agreement"][mode]):.2f}%',
+                   '-' if mode == 'parallel' else
+                   f'{100 * mean(lambda e: np.mean(list(e["spike_agreement"][mode].values()))):.4f}%'])
+  return common.markdown_table(['net', 'form', 'accuracy', 'predictions = parallel',
+                                'spikes = parallel'], rows)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+  p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
+  p.add_argument('--weights', nargs='+', default=list(WEIGHTS), choices=list(WEIGHTS))
+  p.add_argument('--epochs', type=int, default=None, help='override num_epochs (smoke runs)')
+  p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/)')
+  args = p.parse_args(argv)
+  cells = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for row in args.rows:
+      for w in args.weights:
+        cells.append(run_cell(row, w, args.seeds, tmp, args.epochs,
+                              evaluate=row in ('mfp', 'mfp_column')))
+        print(f'{row} {w}: {_pct(cells[-1])}', file=sys.stderr, flush=True)
+  by = {(c['row'], c['weights']): c for c in cells}
+  print(f'## Fig. 1 on row-sequential Fashion-MNIST (T = 28), {len(args.seeds)} seeds: '
+        f'test accuracy % mean +- std (mean wall time per run)\n')
+  print(common.markdown_table(['neuron'] + [f'{w} hidden weights' for w in args.weights],
+                              [[ROWS[r][0]] + [_pct(by.get((r, w))) for w in args.weights]
+                               for r in args.rows]))
+  print('\n## The trained MFP nets in three forms\n')
+  print(eval_table(cells))
+  out = common.write_json('membrane_bits', {'config': CONFIG, 'seeds': args.seeds,
+                                            'epochs_override': args.epochs, 'cells': cells},
+                          args.out)
+  print(f'\nwrote {out}')
+  return cells
+
+
+if __name__ == '__main__':
+  main()

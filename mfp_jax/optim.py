@@ -1,0 +1,78 @@
+"""Optimizers and learning-rate schedules, registered by name.
+
+An optimizer builder is ``fn(learning_rate, **kwargs) -> optax.GradientTransformation`` with
+``learning_rate`` an Optax schedule; register one with :func:`register_optimizer`. A config's
+``optim`` section holds ``name``, the fields every optimizer shares (:data:`SHARED_FIELDS`:
+``learning_rate``, ``schedule``, ``warmup_epochs``, ``grad_clip``) and the builder's own
+keyword arguments (``momentum`` and ``weight_decay`` for ``sgd``, ...).
+
+Weight decay applies to conv/dense kernels only (:func:`weight_decay_mask`): never to ``M``,
+``tau``, norm scales or biases, as in the Q-SNN recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import optax
+
+from mfp_jax import registry
+
+OPTIMIZERS: registry.Registry[Callable[..., optax.GradientTransformation]] = registry.Registry(
+    'optimizer')
+register_optimizer = registry.registrar(OPTIMIZERS)
+
+# Fields of config.optim that are not the builder's: the schedule and clipping around it.
+SHARED_FIELDS = ('name', 'learning_rate', 'schedule', 'warmup_epochs', 'grad_clip')
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for conv/dense kernels only: no decay on ``M``, ``tau``, norm scales or biases."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) == 'kernel', params)
+
+
+@register_optimizer('sgd')
+def sgd(learning_rate: optax.Schedule, *, momentum: float = 0.9,
+        weight_decay: float = 1e-4) -> optax.GradientTransformation:
+  """SGD with momentum and PyTorch-style (coupled) weight decay on kernels."""
+  return optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
+                     optax.sgd(learning_rate, momentum=momentum or None))
+
+
+@register_optimizer('adamw')
+def adamw(learning_rate: optax.Schedule, *, weight_decay: float = 1e-4, b1: float = 0.9,
+          b2: float = 0.999) -> optax.GradientTransformation:
+  """AdamW (decoupled weight decay on kernels)."""
+  return optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay,
+                     mask=weight_decay_mask)
+
+
+SCHEDULES: dict[str, Callable[[float, int], optax.Schedule]] = {
+    'cosine': lambda lr, steps: optax.cosine_decay_schedule(lr, max(steps, 1)),
+    'constant': lambda lr, steps: optax.constant_schedule(lr),
+}
+
+
+def create_learning_rate_fn(optim, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+  """Linear warmup over ``optim.warmup_epochs``, then ``optim.schedule`` (:data:`SCHEDULES`)."""
+  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  lr = optim.learning_rate
+  if optim.schedule not in SCHEDULES:
+    raise ValueError(f'unknown schedule {optim.schedule!r}; allowed: {list(SCHEDULES)}')
+  main = SCHEDULES[optim.schedule](lr, total_steps - warmup)
+  if warmup == 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def create_optimizer(optim, learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """The registered optimizer ``optim.name`` with its keyword arguments from ``optim``,
+  behind a global-norm clip when ``optim.grad_clip`` is set."""
+  from mfp_jax import config_lib  # Deferred: config_lib reads this module's registry.
+  tx = config_lib.build(OPTIMIZERS.get(optim.name), optim, learning_rate_fn,
+                        skip=SHARED_FIELDS, kind='optim')
+  if optim.grad_clip is not None:
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  return tx
