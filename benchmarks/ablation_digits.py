@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -44,23 +41,9 @@ VARIANTS = {
                ['--config.model.neuron.kind=lif', '--config.model.neuron.membrane_bits=1']),
 }
 
-_FINAL = re.compile(r'final test accuracy: ([0-9.]+)')
-
-
 def run_one(overrides: list[str], seed: int, workdir: str, epochs: int | None) -> dict:
   """One `train.py` run in a subprocess; returns accuracy and wall seconds."""
-  cmd = [sys.executable, 'train.py', '--config', 'configs/digits.py', '--workdir', workdir,
-         f'--config.seed={seed}', *overrides]
-  if epochs:
-    cmd.append(f'--config.num_epochs={epochs}')
-  t0 = time.perf_counter()
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                     env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  wall = time.perf_counter() - t0
-  m = _FINAL.search(r.stdout)
-  if r.returncode != 0 or not m:
-    raise RuntimeError(f'{" ".join(cmd)} failed:\n{r.stderr[-2000:]}')
-  return {'seed': seed, 'accuracy': float(m.group(1)), 'wall_s': wall}
+  return common.run_train_py('configs/digits.py', overrides, seed, workdir, epochs=epochs)
 
 
 def main(argv=None):

@@ -21,7 +21,9 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
+import subprocess
 import statistics
 import sys
 import time
@@ -181,3 +183,43 @@ def write_json(name: str, payload: dict, out: str | None) -> str:
 
 def mib(nbytes: float | None) -> float | None:
   return None if nbytes is None else nbytes / 2**20
+
+
+# --- Runs of the scripts users run (train.py / eval.py in subprocesses) -------------------
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+  t0 = time.perf_counter()
+  r = subprocess.run([sys.executable, *args], cwd=_ROOT, capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu')))
+  return r, time.perf_counter() - t0
+
+
+def run_train_py(config: str, overrides: Sequence[str], seed: int, workdir: str, *,
+                 epochs: int | None = None) -> dict:
+  """``python train.py --config <config> --workdir <workdir> --config.seed=<seed> ...`` in a
+  fresh subprocess; returns its final accuracy and wall seconds (start-up included)."""
+  args = ['train.py', '--config', config, '--workdir', workdir, f'--config.seed={seed}',
+          '--config.progress=False', *overrides]
+  if epochs:
+    args.append(f'--config.num_epochs={epochs}')
+  r, wall = _run_script(args)
+  m = re.search(r'final test accuracy: ([0-9.]+)', r.stdout)
+  if r.returncode != 0 or not m:
+    raise RuntimeError(f'{" ".join(args)} failed ({r.returncode}):\n{r.stderr[-2000:]}')
+  return {'seed': seed, 'accuracy': float(m.group(1)), 'wall_s': wall, 'workdir': workdir}
+
+
+def run_eval_py(config: str, overrides: Sequence[str], seed: int, workdir: str, *,
+                epochs: int | None = None) -> dict:
+  """``python eval.py`` on a run of :func:`run_train_py` with the same arguments (the best
+  checkpoint); returns its ``eval.json``."""
+  args = ['eval.py', '--config', config, '--workdir', workdir, f'--config.seed={seed}',
+          '--config.progress=False', *overrides] + ([f'--config.num_epochs={epochs}'] if epochs else [])
+  r, _ = _run_script(args)
+  if r.returncode != 0:
+    raise RuntimeError(f'{" ".join(args)} failed ({r.returncode}):\n{r.stderr[-2000:]}')
+  with open(os.path.join(workdir, 'eval.json')) as f:
+    return json.load(f)

@@ -56,7 +56,7 @@ def run_cell(row: str, weights: str, seeds: list[int], tmp: str, epochs: int | N
     overrides = ROWS[row][1] + WEIGHTS[weights]
     run = common.run_train_py(CONFIG, overrides, seed, workdir, epochs=epochs)
     if evaluate:
-      run['eval'] = common.run_eval_py(CONFIG, overrides, workdir, epochs=epochs)
+      run['eval'] = common.run_eval_py(CONFIG, overrides, seed, workdir, epochs=epochs)
     runs.append(run)
   acc = np.array([r['accuracy'] for r in runs])
   return {'row': row, 'weights': weights, 'runs': runs, 'mean': float(acc.mean()),
