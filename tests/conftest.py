@@ -5,6 +5,10 @@ import os
 import sys
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Compilation dominates these tests; XLA's lowest backend optimization level compiles in about
+# half the time (the suite runs ~20% faster). Set here, before jax starts, it holds in-process
+# and in every subprocess the tests start, so runs that are compared share it.
+os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

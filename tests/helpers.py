@@ -30,7 +30,8 @@ def run_script(args, *, env=None, timeout=300, devices=None):
   """Runs ``python args...`` from the repo root; returns the CompletedProcess."""
   e = dict(os.environ, JAX_PLATFORMS='cpu', **(env or {}))
   if devices:
-    e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    e['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                      f'--xla_force_host_platform_device_count={devices}')
   return subprocess.run([sys.executable] + list(args), cwd=ROOT, env=e, capture_output=True,
                         text=True, timeout=timeout)
 

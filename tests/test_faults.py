@@ -305,11 +305,9 @@ def test_full_disk_during_a_save_is_one_error_naming_path_and_free_space(tmp_pat
 
 
 def test_full_disk_under_train_py_is_one_line_and_exit_2(tmp_path):
-  # The first save (step 1) does not fit. (Compiled at XLA's lowest optimization level: half
-  # the compile time, and no number is compared.)
+  # The first save (step 1) does not fit.
   with mounted(tmp_path / 'small', '-t', 'tmpfs', '-o', 'size=128k', 'tmpfs') as small:
     r = run_script(TINY + ['--config.stop_at_step=1', '--workdir', str(small / 'run')],
-                   env={'XLA_FLAGS': '--xla_backend_optimization_level=0'},
                    timeout=240)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]

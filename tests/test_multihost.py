@@ -41,7 +41,6 @@ class Procs(Processes):
                        f'--heartbeat_timeout_s={heartbeat}', '--distributed_init_timeout_s=60')
             for i in range(2)]
 
-  finish = Processes.finish_ok
 
 
 @pytest.fixture
@@ -64,9 +63,9 @@ def test_two_processes_train_like_one_process_with_two_devices_and_resume(procs,
   # The pair stops at step 3 and a second pair resumes it, reading the checkpoint both
   # processes wrote into one directory, through the end of epoch 1 (step 21: evaluation and
   # two saves of one step, latest and best) to step 22.
-  first = [procs.finish(p) for p in procs.pair('first', two, '--config.stop_at_step=3')]
-  second = [procs.finish(p) for p in procs.pair('second', two, '--config.stop_at_step=22')]
-  single_out = procs.finish(single)
+  first = [procs.finish_ok(p) for p in procs.pair('first', two, '--config.stop_at_step=3')]
+  second = [procs.finish_ok(p) for p in procs.pair('second', two, '--config.stop_at_step=22')]
+  single_out = procs.finish_ok(single)
 
   assert '2 devices (cpu), 2 processes, global batch 64' in first[0]
   assert f'resuming from {two / "checkpoints" / "3"} (step 3)' in second[0]

@@ -21,7 +21,7 @@ def test_forward_is_exact_step(name, alpha):
 @pytest.mark.parametrize('alpha', [None, 0.5, 3.0])
 def test_custom_grad_equals_grad_of_primitive(name, alpha):
   fn = surrogate.get_surrogate(name, alpha)
-  a = surrogate.SURROGATES[name][1] if alpha is None else alpha
+  a = surrogate.SURROGATES.get(name)[1] if alpha is None else alpha
   primitive = getattr(surrogate, f'{name}_primitive')
   got = jax.vmap(jax.grad(fn))(GRID)
   want = jax.vmap(jax.grad(lambda x: primitive(x, a)))(GRID)
