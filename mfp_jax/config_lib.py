@@ -76,6 +76,16 @@ ANNEAL_FIELDS = {
 DATA_FIELDS = {  # besides name; the rest of config.data goes to the loader
     'batch_size': Field(64, int, lambda v: v >= 1, 'an integer >= 1 (global, over all devices)'),
     'eval_batch_size': Field(256, int, lambda v: v >= 1, 'an integer >= 1'),
+    # How train batches are built (mfp_jax.pipeline); never what they hold or their order.
+    'num_workers': Field(0, int, lambda v: v >= 0, 'an integer >= 0: worker processes '
+                         'building train batches (0: threads of the training process build '
+                         'them)'),
+    'num_threads': Field(1, int, lambda v: v >= 0, 'an integer >= 0: threads building batches '
+                         'in each process (0: each batch is built when the step asks for it; '
+                         'above 1: the source is read from several threads at once)'),
+    'prefetch': Field(2, int, lambda v: v >= 0, 'an integer >= 0: batches each process builds '
+                      'ahead of the step (0: none, each batch is built when the step asks '
+                      'for it)'),
 }
 OPTIM_FIELDS = {  # besides name; the rest of config.optim goes to the builder
     'learning_rate': Field(0.1, float, lambda v: _finite(v) and v > 0, 'a finite number > 0'),

@@ -2,9 +2,11 @@
 
 A data set is a :class:`Dataset`: two :class:`Source` objects (train, test), each giving raw
 examples by index, and two pure numpy functions -- ``preprocess`` (raw batch -> float32 model
-input) and ``augment`` (train split only). The batcher shuffles with a seed that depends only
-on ``(seed, epoch)``, reads only this process's shard, and pads the last eval batch with a
-mask so every test example is counted exactly once.
+input) and ``augment`` (train split only). The batcher (:class:`EpochBatches`, one epoch by
+batch index; :func:`iterate_batches`, in order) shuffles with a seed that depends only on
+``(seed, epoch)``, reads only this process's shard, and pads the last eval batch with a mask
+so every test example is counted exactly once. :mod:`mfp_jax.pipeline` builds the same
+batches ahead, in background threads or worker processes.
 
 Model input layout: static images ``[B, H, W, C]`` (the model repeats them over ``T``);
 event frames ``[B, T, H, W, C]`` and sequences ``[B, T, F]`` (the model moves ``T`` to the
@@ -111,6 +113,69 @@ def num_batches(n: int, batch_size: int, *, drop_remainder: bool) -> int:
   return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
+class EpochBatches:
+  """One epoch of this process's batches of a split, by batch index (random access).
+
+  ``batches[b]`` builds batch ``b`` from scratch (read, preprocess, augment), so batches can be
+  built in any order, in threads or in other processes (:mod:`mfp_jax.pipeline`), and are
+  the same wherever they are built. Train: shuffled by ``(seed, epoch)`` over the *global*
+  index set, then sharded, so every process sees a disjoint slice of the same permutation;
+  the last incomplete batch is dropped; ``augment`` gets the generator seeded
+  ``(seed, epoch, b, process_index)``. Test: in order, no augmentation, the last batch padded
+  with ``mask = 0`` rows.
+
+  Args:
+    split: ``'train'`` or ``'test'``.
+    batch_size: per-process batch size.
+  """
+
+  def __init__(self, dataset: Dataset, split: str, *, batch_size: int, seed: int = 0,
+               epoch: int = 0, process_index: int = 0, process_count: int = 1):
+    if split not in ('train', 'test'):
+      raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    self.dataset, self.split, self.batch_size = dataset, split, batch_size
+    self.seed, self.epoch, self.process_index = seed, epoch, process_index
+    train = split == 'train'
+    n = len(dataset.train if train else dataset.test)
+    order = np.arange(n)
+    if train:
+      order = np.random.default_rng([seed, epoch]).permutation(n)
+    # Shard the (global) order so process p gets positions p, p + P, ...: with the same
+    # global batch every process reads its own rows of it.
+    self.order = order[shard_indices(n, process_index, process_count)]
+    # Every process must yield the same number of batches (each batch is one collective
+    # step), though shards differ by a row when process_count does not divide n: train counts
+    # the smallest shard, test the largest (the others get a padded, possibly all-padding,
+    # batch).
+    shard = n // process_count if train else -(-n // process_count)
+    self.num_batches = num_batches(shard, batch_size, drop_remainder=train)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __getitem__(self, b: int) -> dict[str, np.ndarray]:
+    """Batch ``b``: ``{'image': float32 [B, ...], 'label': int32 [B], 'mask': float32 [B]}``."""
+    if not 0 <= b < self.num_batches:
+      raise IndexError(f'batch {b} out of range for an epoch of {self.num_batches} batches')
+    ds, bs = self.dataset, self.batch_size
+    idx = self.order[b * bs:(b + 1) * bs]
+    if not len(idx):  # test only: this shard is one row short and has run out
+      return {'image': np.zeros((bs,) + ds.input_shape, np.float32),
+              'label': np.zeros(bs, np.int32), 'mask': np.zeros(bs, np.float32)}
+    train = self.split == 'train'
+    x, y = (ds.train if train else ds.test).get_batch(idx if train else np.sort(idx))
+    x = ds.preprocess(x)
+    if train:
+      x = ds.augment(x, np.random.default_rng([self.seed, self.epoch, b, self.process_index]))
+    mask = np.ones(len(idx), np.float32)
+    if len(idx) < bs:
+      pad = bs - len(idx)
+      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+      y = np.concatenate([y, np.zeros(pad, y.dtype)])
+      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+    return {'image': np.asarray(x, np.float32), 'label': np.asarray(y, np.int32), 'mask': mask}
+
+
 def iterate_batches(dataset: Dataset,
                     split: str,
                     *,
@@ -120,53 +185,23 @@ def iterate_batches(dataset: Dataset,
                     process_index: int = 0,
                     process_count: int = 1,
                     start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Yields this process's batches of one epoch of ``split`` (``'train'`` or ``'test'``).
+  """Yields this process's batches of one epoch of ``split``, built in this thread.
 
-  Train: shuffled by ``(seed, epoch)`` over the *global* index set, then sharded, so every
-  process sees a disjoint slice of the same permutation; the last incomplete batch is dropped;
-  ``augment`` is applied. Test: in order, no augmentation, the last batch padded with
-  ``mask = 0`` rows.
+  The reference order (see :class:`EpochBatches`); :func:`mfp_jax.pipeline.load_batches`
+  yields the same batches, built ahead in background threads or worker processes.
 
   Args:
+    split: ``'train'`` or ``'test'``.
     batch_size: per-process batch size.
     start_batch: skip this many batches (resuming inside an epoch).
 
   Yields:
     ``{'image': float32 [B, ...], 'label': int32 [B], 'mask': float32 [B]}``.
   """
-  if split not in ('train', 'test'):
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-  train = split == 'train'
-  source = dataset.train if train else dataset.test
-  n = len(source)
-  order = np.arange(n)
-  if train:
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-  # Shard the (global) order so process p gets positions p, p + P, ...: with the same
-  # global batch every process reads its own rows of it.
-  order = order[shard_indices(n, process_index, process_count)]
-  # Every process must yield the same number of batches (each batch is one collective step),
-  # though shards differ by a row when process_count does not divide n: train counts the
-  # smallest shard, test the largest (the others get a padded, possibly all-padding, batch).
-  shard = n // process_count if train else -(-n // process_count)
-  nb = num_batches(shard, batch_size, drop_remainder=train)
-  for b in range(start_batch, nb):
-    idx = order[b * batch_size:(b + 1) * batch_size]
-    if not len(idx):  # test only: this shard is one row short and has run out
-      yield {'image': np.zeros((batch_size,) + dataset.input_shape, np.float32),
-             'label': np.zeros(batch_size, np.int32), 'mask': np.zeros(batch_size, np.float32)}
-      continue
-    x, y = source.get_batch(np.sort(idx) if not train else idx)
-    x = dataset.preprocess(x)
-    if train:
-      x = dataset.augment(x, np.random.default_rng([seed, epoch, b, process_index]))
-    mask = np.ones(len(idx), np.float32)
-    if len(idx) < batch_size:
-      pad = batch_size - len(idx)
-      x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-      y = np.concatenate([y, np.zeros(pad, y.dtype)])
-      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-    yield {'image': np.asarray(x, np.float32), 'label': np.asarray(y, np.int32), 'mask': mask}
+  batches = EpochBatches(dataset, split, batch_size=batch_size, seed=seed, epoch=epoch,
+                         process_index=process_index, process_count=process_count)
+  for b in range(start_batch, len(batches)):
+    yield batches[b]
 
 
 # --- The embedded data set: scikit-learn's 8x8 digits --------------------------------------
@@ -205,7 +240,6 @@ class DatasetEntry:
 
 
 DATASETS: registry.Registry[DatasetEntry] = registry.Registry('data set')
-SHARED_FIELDS = ('name', 'batch_size', 'eval_batch_size')  # config.data fields not the loader's
 
 
 def register_dataset(name: str, load: Callable[..., Dataset] | None = None, *,
@@ -234,7 +268,9 @@ def loader_kwargs(cfg, T: int | None) -> dict[str, Any]:
   """The loader's keyword arguments from a config's ``data`` section (``~`` expanded)."""
   from mfp_jax import config_lib  # Deferred: config_lib reads this module's registry.
   entry = DATASETS.get(cfg.name)
-  kwargs = config_lib.builder_kwargs(entry, cfg, skip=SHARED_FIELDS, kind='data')
+  # The shared fields (batch sizes, how batches are loaded) are not the loader's.
+  kwargs = config_lib.builder_kwargs(entry, cfg, skip=tuple(config_lib.DATA_FIELDS),
+                                     kind='data')
   if isinstance(kwargs.get('data_dir'), str):
     kwargs['data_dir'] = os.path.expanduser(kwargs['data_dir'])
   if T is not None and 'T' in inspect.signature(entry.load).parameters:
