@@ -110,12 +110,20 @@ def load_packed(path: str) -> inference.Program:
   return _read_npz(path, path)
 
 
-def packed_infer_fn(path: str) -> Callable[[Any], jax.Array]:
-  """``x [B, *input_shape] float32 -> logits [B, K]`` from a packed file (serial form)."""
+def packed_infer_fn(path: str, *, chunk_size: int = inference.DEFAULT_CHUNK,
+                    check_finite: bool = True) -> Callable[[Any], jax.Array]:
+  """``x [B, *input_shape] float32 -> logits [B, K]`` from a packed file (serial form), in
+  chunks of ``chunk_size`` rows; NaN/inf inputs raise ``ValueError`` unless
+  ``check_finite=False``."""
   program = load_packed(path)
   fn, arrays = inference.program_fn(program), inference.program_arrays(program)
   shape = program.meta['input_shape']
-  return lambda x: fn(arrays, inference.check_input(x, shape))
+
+  def infer(x):
+    inference.check_input(x, shape, check_finite=check_finite)
+    return inference.run_chunked(lambda part: fn(arrays, part), x, chunk_size)
+
+  return infer
 
 
 def export_serial(program: inference.Program, path: str, *,
@@ -156,18 +164,25 @@ def export_serial(program: inference.Program, path: str, *,
 class ExportedModel:
   """A loaded :func:`export_serial` artifact; call it on ``float32 [B, *input_shape]``."""
 
-  def __init__(self, exported: jax.export.Exported, program: inference.Program):
+  def __init__(self, exported: jax.export.Exported, program: inference.Program, *,
+               chunk_size: int = inference.DEFAULT_CHUNK, check_finite: bool = True):
     self.exported, self.program = exported, program
     self.input_shape = tuple(program.meta['input_shape'])
+    self.chunk_size, self.check_finite = chunk_size, check_finite
     self._arrays = inference.program_arrays(program)
 
   def __call__(self, x: Any) -> jax.Array:
-    """``float32 [B, *input_shape] -> logits [B, K]``; ``ValueError`` on a wrong input."""
-    return self.exported.call(self._arrays, inference.check_input(x, self.input_shape))
+    """``float32 [B, *input_shape] -> logits [B, K]`` in chunks of ``chunk_size`` rows;
+    ``ValueError`` on a wrong shape or dtype, or (``check_finite``) a NaN/inf value."""
+    inference.check_input(x, self.input_shape, check_finite=self.check_finite)
+    return inference.run_chunked(lambda part: self.exported.call(self._arrays, part), x,
+                                 self.chunk_size)
 
 
-def load_exported(path: str) -> ExportedModel:
-  """Reads and checks a file written by :func:`export_serial`.
+def load_exported(path: str, *, chunk_size: int = inference.DEFAULT_CHUNK,
+                  check_finite: bool = True) -> ExportedModel:
+  """Reads and checks a file written by :func:`export_serial` (calls run in chunks of
+  ``chunk_size`` rows and refuse NaN/inf unless ``check_finite=False``).
 
   Raises:
     ArtifactError: not such a file, truncated, or altered.
@@ -196,4 +211,4 @@ def load_exported(path: str) -> ExportedModel:
     exported = jax.export.deserialize(bytearray(body[:info['payload_bytes']]))
   except Exception as e:  # a payload that passes the checksum but not the deserializer
     raise ArtifactError(f'{path}: cannot deserialize the exported function: {e}') from e
-  return ExportedModel(exported, program)
+  return ExportedModel(exported, program, chunk_size=chunk_size, check_finite=check_finite)

@@ -6,6 +6,7 @@ to training and needs no cross-host batch); only process 0 prints and writes fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping
@@ -177,6 +178,21 @@ def _write_json(path: str, obj: Any) -> None:
     json.dump(obj, f, indent=1)
 
 
+def _lock_outputs(out_dir: str, *, enabled: bool = True) -> contextlib.ExitStack:
+  """:func:`mfp_jax.workdir.lock` on the directory eval.py writes into; when another process
+  (a live training run) holds it, the one-line error says to pass ``--out_dir``, not (as for
+  training) another ``--workdir``."""
+  stack = contextlib.ExitStack()
+  try:
+    stack.enter_context(workdir_lib.lock(out_dir, enabled=enabled))
+  except workdir_lib.WorkdirBusyError as e:
+    holder = str(e).rsplit('; ', 1)[0]  # who holds it, without training's advice
+    raise workdir_lib.WorkdirBusyError(
+        f'{holder}; wait for it to finish, or pass --out_dir=<another directory>: eval.py '
+        f'writes its outputs there and only reads --workdir') from None
+  return stack
+
+
 def report_only(config, out_dir: str) -> dict[str, Any]:
   """Cost report from the config alone; writes ``<out_dir>/report.json``, returns it."""
   config_lib.validate(config)
@@ -184,7 +200,7 @@ def report_only(config, out_dir: str) -> dict[str, Any]:
   model = models.create_model(config.model, num_classes=num_classes)
   report = accounting.build_report(model, input_shape)
   if jax.process_index() == 0:
-    with workdir_lib.lock(out_dir):
+    with _lock_outputs(out_dir):
       _write_json(os.path.join(out_dir, 'report.json'), report)
     print(accounting.format_report(report), flush=True)
   return report
@@ -198,7 +214,7 @@ def evaluate_run(config, workdir: str, *, checkpoint: str = 'best', write_plots:
   Returns the results."""
   config_lib.validate(config)
   best = find_checkpoint(workdir, checkpoint)
-  with workdir_lib.lock(out_dir or workdir, enabled=jax.process_index() == 0):
+  with _lock_outputs(out_dir or workdir, enabled=jax.process_index() == 0):
     return _evaluate_run(config, workdir, best, write_plots, out_dir or workdir)
 
 

@@ -22,10 +22,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+# Test-only hook, like checkpoints.PAUSE_ENV. MFP_TEST_PAUSE_UNTIL_STOP=step:<n> (after training
+# step n, before the loop asks whether to stop) or eval:<n> (as an evaluation of the state at
+# step n begins) makes the training loop print one line and wait there until a stop request
+# (SIGTERM/SIGINT) arrives, then go on as if it had come at that moment. Tests use it to
+# signal a run at an exact point. Unset (always, outside tests) it changes nothing.
+PAUSE_ENV = 'MFP_TEST_PAUSE_UNTIL_STOP'
 
 
 class Preempted(Exception):
@@ -80,8 +89,17 @@ class StopRequest:
       raise KeyboardInterrupt
     self.signum = signum
 
+  def pause_for_test(self, point: str) -> None:
+    """The :data:`PAUSE_ENV` hook (test-only): waits at ``point`` for a stop request."""
+    if os.environ.get(PAUSE_ENV) != point or not self._old:
+      return  # Not asked, or no handler here (a worker thread): nothing could end the wait.
+    print(f'{PAUSE_ENV}: holding at {point}', flush=True)
+    while self.signum is None:
+      time.sleep(0.01)
+
   def reached(self, step: int) -> bool:
     """True when the loop should save and stop after ``step`` (the same step on every host)."""
+    self.pause_for_test(f'step:{step}')
     if not self._multi:
       return self.signum is not None
     from jax.experimental import multihost_utils

@@ -180,7 +180,8 @@ def evaluate(state: TrainState, dataset: data_lib.Dataset, eval_fn: Callable, *,
 # --- What a run is: set-up and fingerprint -------------------------------------------------
 
 # Loader arguments that say where the data is or how it is read, not what it is.
-_NOT_TRAJECTORY = ('data_dir', 'cache_dir', 'workers', 'eval_batch_size')
+_NOT_TRAJECTORY = ('data_dir', 'cache_dir', 'workers', 'eval_batch_size', 'num_workers',
+                   'num_threads', 'prefetch')
 
 
 def run_fingerprint(config: ml_collections.ConfigDict, dataset: data_lib.Dataset,
@@ -256,7 +257,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
                  out_shardings=NamedSharding(mesh, P()))
   try:  # Shapes only: a model that cannot take this data fails here, in one line.
     abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, ZeroDivisionError) as e:  # (too deep a net: 0-sized maps)
     first = (str(e).strip().splitlines() or [''])[0][:300]
     raise config_lib.ConfigError(
         f'model {type(model).__name__} cannot take data {dataset.name} (one example '
@@ -313,8 +314,8 @@ def restore_run(config: ml_collections.ConfigDict, workdir: str, *, best: bool =
     meta = ckpts.read_meta(step, best=best)
     if meta is None:
       raise ckpt_lib.CheckpointError(f'no checkpoint in {workdir}')
-    check_resume(meta, s.fingerprint, config, workdir)
-    state, meta = ckpts.restore(s.abstract, step, best=best)
+    changes = check_resume(meta, s.fingerprint, config, workdir)
+    state, meta = restore_state(ckpts, s.abstract, changes, step=step, best=best)
     return s, state, meta
   finally:
     ckpts.close()
@@ -357,3 +358,38 @@ def check_resume(meta: dict[str, Any], fingerprint: dict[str, Any],
         f'Use a new --workdir, the config that made it, or '
         f'--config.resume_policy=allow_changes to resume with these changes')
   return changes
+
+
+def _saved_arrays_fit(step_dir: str, abstract: TrainState) -> bool:
+  """Whether the arrays saved in ``step_dir`` have the shapes and dtypes of ``abstract``'s
+  leaves (names aside). Unreadable metadata counts as fitting: the restore's error stands."""
+  import orbax.checkpoint as ocp  # Deferred: only a failed restore with changes needs it.
+  from etils import epath
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    saved = jax.tree.leaves(handler.metadata(epath.Path(step_dir) / 'state'))
+  except Exception:  # pylint: disable=broad-except  # damaged: let the restore error speak
+    return True
+  finally:
+    handler.close()
+  spec = lambda a: (tuple(a.shape), np.dtype(a.dtype).str)
+  return sorted(map(spec, saved)) == sorted(map(spec, jax.tree.leaves(abstract)))
+
+
+def restore_state(ckpts: ckpt_lib.RunCheckpoints, abstract: TrainState, changes: list[str],
+                  *, step: int | None = None, best: bool = False
+                  ) -> tuple[TrainState, dict[str, Any]]:
+  """``ckpts.restore(abstract, step, best=best)``, after :func:`check_resume` allowed
+  ``changes``: when they alter the state's arrays (another model or optimizer), the error
+  names them instead of calling the checkpoint damaged (deleting it would not help)."""
+  try:
+    return ckpts.restore(abstract, step, best=best)
+  except ckpt_lib.CheckpointError as e:
+    step = ckpts.latest_step(best=best) if step is None else step
+    if not changes or step is None or _saved_arrays_fit(ckpts.path(step, best=best), abstract):
+      raise
+    raise ckpt_lib.CheckpointError(
+        f'{ckpts.workdir} holds a checkpoint of a different model or run; changed: '
+        f'{"; ".join(changes)}. These change the arrays of the training state (another model '
+        f'or optimizer), which no checkpoint can carry over, not even with '
+        f'resume_policy=allow_changes: use a new --workdir or the config that made it') from e

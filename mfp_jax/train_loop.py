@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mfp_jax import checkpoints as ckpt_lib
-from mfp_jax import data as data_lib
 from mfp_jax import models
+from mfp_jax import pipeline
 from mfp_jax import quant
 from mfp_jax import resilience
 from mfp_jax import run_log
@@ -115,6 +115,7 @@ class Run:
     self.step = int(jax.device_get(state.step))
     self.best_acc = (meta or {}).get('best_accuracy', -1.0)
     self.last_eval: dict[str, Any] = {}
+    self.stop: resilience.StopRequest | None = None  # while train() runs
     self.t0 = time.time()
     self.data_sh = NamedSharding(mesh, P('data'))
     repl = NamedSharding(mesh, P())
@@ -153,6 +154,8 @@ class Run:
     """Evaluates the state; ``log``: also a ``test`` line in ``metrics.jsonl`` (the epochs'
     evaluations, not the one a stopped or finished run repeats on every rerun)."""
     c = self.config
+    if self.stop is not None:
+      self.stop.pause_for_test(f'eval:{self.step}')
     ev = train_lib.evaluate(self.state, self.s.dataset, self.p_eval,
                             batch_size=c.data.eval_batch_size, sharding=self.data_sh)
     self.last_eval = {**ev, 'step': self.step}
@@ -165,10 +168,13 @@ class Run:
     c, spe = self.config, self.s.steps_per_epoch
     pc, pi = jax.process_count(), jax.process_index()
     first = self.step - epoch * spe
-    batches = data_lib.iterate_batches(self.s.dataset, 'train',
-                                       batch_size=c.data.batch_size // pc, seed=c.seed,
-                                       epoch=epoch, process_index=pi, process_count=pc,
-                                       start_batch=first)
+    # Built ahead in threads / worker processes; the order is iterate_batches's. Closed when
+    # this returns (the last reference goes), also on a stop mid-epoch.
+    batches = pipeline.load_batches(self.s.dataset, 'train', batch_size=c.data.batch_size // pc,
+                                    seed=c.seed, epoch=epoch, process_index=pi,
+                                    process_count=pc, start_batch=first,
+                                    num_workers=c.data.num_workers,
+                                    num_threads=c.data.num_threads, prefetch=c.data.prefetch)
     self.log.progress_start(total=spe, initial=first, desc=f'epoch {epoch + 1}/{c.num_epochs}',
                             enabled=c.progress and pi == 0)
     try:
@@ -207,17 +213,19 @@ class Run:
         self.save({'epoch': epoch + 1, 'test': self.last_eval}, best=True)
     self.save({'epoch': epoch + 1, 'test': self.last_eval})
 
-  def preempted(self, stop: resilience.StopRequest, *, done: bool = False
-                ) -> resilience.Preempted:
-    """The exception that ends a stopped run (after its saves have landed)."""
+  def preempted(self, stop: resilience.StopRequest, *, saved: bool = True,
+                finished: bool = False) -> resilience.Preempted:
+    """The exception that ends a stopped run (after its saves have landed): whether it saved
+    now, and whether training had already reached its last step."""
     self.ckpts.wait()
     name = signal.Signals(stop.signum).name if stop.signum else 'preemption notice'
     where = f'step {self.step} in {self.ckpts.path(self.step)}'
-    if done:
+    if not saved:
       return resilience.Preempted(f'{name}: the run had finished; its checkpoint is at {where}; '
                                   f'a rerun only re-evaluates')
-    return resilience.Preempted(f'{name}: saved a checkpoint at {where}; rerun the same '
-                                f'command to resume')
+    then = ('training had finished: a rerun only re-evaluates' if finished
+            else 'rerun the same command to resume')
+    return resilience.Preempted(f'{name}: saved a checkpoint at {where}; {then}')
 
   def train(self) -> train_lib.RunResult:
     """The epoch loop, then the final evaluation; raises ``Preempted`` on a stop request."""
@@ -227,6 +235,7 @@ class Run:
     first_epoch = self.step // spe if self.step < stop_at else c.num_epochs
     single = jax.process_count() == 1
     with resilience.StopRequest() as stop:
+      self.stop = stop
       for epoch in range(first_epoch, c.num_epochs):
         preempt = self.train_epoch(epoch, stop, stop_at)
         if self.step == (epoch + 1) * spe:
@@ -234,13 +243,13 @@ class Run:
           # A request that came during the evaluation stops here, before another step.
           preempt = preempt or (single and stop.signum is not None)
         if preempt:
-          raise self.preempted(stop)
+          raise self.preempted(stop, finished=self.step >= stop_at)
         if self.step >= stop_at:
           break
       if self.last_eval.get('step') != self.step:  # stopped mid-epoch, or a finished run
         self.evaluate(log=False)
       if single and stop.signum is not None:
-        raise self.preempted(stop, done=True)
+        raise self.preempted(stop, saved=False)
     return train_lib.RunResult(self.state, {**self.last_eval, 'best_accuracy': self.best_acc,
                                             'wall_s': time.time() - self.t0})
 
@@ -264,7 +273,7 @@ def _resume_and_train(config, workdir, mesh, s, ckpts) -> train_lib.RunResult:
     state = s.init(jax.random.key(config.seed))
   else:
     changes = train_lib.check_resume(meta, s.fingerprint, config, workdir)
-    state, meta = ckpts.restore(s.abstract)
+    state, meta = train_lib.restore_state(ckpts, s.abstract, changes)
   start = int(jax.device_get(state.step))
   # Saves beyond the resume point belong to the abandoned run (e.g. a best checkpoint whose
   # epoch-end latest save was killed); the redone steps save again.

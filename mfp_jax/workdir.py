@@ -156,6 +156,17 @@ def _describe_holder(workdir: str, text: str) -> str:
   return f'{workdir} is in use by PID {pid}{where} ({cmd}), started {started}'
 
 
+def _holder_text(fd: int, wait_s: float = 1.0) -> str:
+  """The holder's line in the lock file; a holder that has just taken the lock writes it a
+  moment later, so wait up to ``wait_s`` for a complete line."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    text = os.pread(fd, 4096, 0).decode('utf-8', 'replace')
+    if text.endswith('\n') or time.monotonic() > deadline:
+      return text
+    time.sleep(0.02)
+
+
 def _open_locked(path: str) -> int:
   """Opens ``path`` and takes its exclusive lock; raises WorkdirBusyError if held."""
   for _ in range(10):
@@ -166,7 +177,7 @@ def _open_locked(path: str) -> int:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      text = os.pread(fd, 4096, 0).decode('utf-8', 'replace')
+      text = _holder_text(fd)
       os.close(fd)
       raise WorkdirBusyError(
           f'{_describe_holder(os.path.dirname(path), text)}; wait for it to finish or use '
@@ -219,6 +230,8 @@ def lock(workdir: str, *, enabled: bool = True) -> Iterator[None]:
   path = os.path.join(os.path.abspath(workdir), LOCK_NAME)
   try:
     fd = _open_locked(path)
+  except WorkdirBusyError:
+    raise  # The holder's run lives here (maybe in directories it just made): leave them.
   except BaseException:
     if created:
       _prune_empty(workdir, created)
