@@ -14,12 +14,16 @@ compares the exact serial form (folded integer thresholds with 1-bit weights; a 
 scan with full-precision ones) and the paper's Eq. 9 with the parallel form.
 
 Baselines are not tuned down: every row uses the config's optimizer, schedule and epochs.
-Prints markdown tables; writes JSON (default benchmarks/results/membrane_bits.json).
+Prints markdown tables; writes JSON (default benchmarks/results/membrane_bits.json) after every
+cell. A rerun with the same ``--out`` keeps its finished cells (same seeds and epochs), and
+``--merge A.json B.json`` takes cells from other invocations: a table split over several runs
+is printed whole without retraining.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -89,32 +93,60 @@ def eval_table(cells: list[dict]) -> str:
                                 'spikes = parallel'], rows)
 
 
+def _done_cells(paths: list[str], seeds: list[int], epochs: int | None) -> dict:
+  """Finished cells from earlier JSON files of this benchmark run with the same seeds and
+  epochs (a long table is resumable, and can be split over several invocations)."""
+  done = {}
+  for path in paths:
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      prev = json.load(f)
+    if prev.get('seeds') == seeds and prev.get('epochs_override') == epochs:
+      done.update({(c['row'], c['weights']): c for c in prev['cells']})
+  return done
+
+
+def print_tables(cells: list[dict], rows: list[str], weights: list[str], seeds: list[int]):
+  """The markdown tables of the README from the cells."""
+  by = {(c['row'], c['weights']): c for c in cells}
+  print(f'## Fig. 1 on row-sequential Fashion-MNIST (T = 28), {len(seeds)} seeds: '
+        f'test accuracy % mean +- std (mean wall time per run)\n')
+  print(common.markdown_table(['neuron'] + [f'{w} hidden weights' for w in weights],
+                              [[ROWS[r][0]] + [_pct(by.get((r, w))) for w in weights]
+                               for r in rows]))
+  print('\n## The trained MFP nets in three forms\n')
+  print(eval_table(cells))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
   p.add_argument('--rows', nargs='+', default=list(ROWS), choices=list(ROWS))
   p.add_argument('--weights', nargs='+', default=list(WEIGHTS), choices=list(WEIGHTS))
   p.add_argument('--epochs', type=int, default=None, help='override num_epochs (smoke runs)')
-  p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/)')
+  p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/); '
+                 'rewritten after every cell, and its finished cells are kept on a rerun')
+  p.add_argument('--merge', nargs='+', default=[],
+                 help='also take finished cells (same seeds and epochs) from these JSON files')
   args = p.parse_args(argv)
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
+                                 'membrane_bits.json')
+  done = _done_cells(args.merge + [out], args.seeds, args.epochs)
   cells = []
   with tempfile.TemporaryDirectory() as tmp:
     for row in args.rows:
       for w in args.weights:
-        cells.append(run_cell(row, w, args.seeds, tmp, args.epochs,
-                              evaluate=row in ('mfp', 'mfp_column')))
-        print(f'{row} {w}: {_pct(cells[-1])}', file=sys.stderr, flush=True)
-  by = {(c['row'], c['weights']): c for c in cells}
-  print(f'## Fig. 1 on row-sequential Fashion-MNIST (T = 28), {len(args.seeds)} seeds: '
-        f'test accuracy % mean +- std (mean wall time per run)\n')
-  print(common.markdown_table(['neuron'] + [f'{w} hidden weights' for w in args.weights],
-                              [[ROWS[r][0]] + [_pct(by.get((r, w))) for w in args.weights]
-                               for r in args.rows]))
-  print('\n## The trained MFP nets in three forms\n')
-  print(eval_table(cells))
-  out = common.write_json('membrane_bits', {'config': CONFIG, 'seeds': args.seeds,
+        cell = done.get((row, w))
+        if cell is None:
+          cell = run_cell(row, w, args.seeds, tmp, args.epochs,
+                          evaluate=row in ('mfp', 'mfp_column'))
+        cells.append(cell)
+        print(f'{row} {w}: {_pct(cell)}', file=sys.stderr, flush=True)
+        common.write_json('membrane_bits', {'config': CONFIG, 'seeds': args.seeds,
                                             'epochs_override': args.epochs, 'cells': cells},
-                          args.out)
+                          out)
+  print_tables(cells, args.rows, args.weights, args.seeds)
   print(f'\nwrote {out}')
   return cells
 

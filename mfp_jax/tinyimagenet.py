@@ -60,12 +60,7 @@ def load_tinyimagenet(data_dir: str) -> Dataset:
   """
   root = next((r for r in (os.path.join(data_dir, 'tiny-imagenet-200'), data_dir)
                if os.path.isfile(os.path.join(r, 'wnids.txt'))), None)
-
-  def missing(problem: str) -> DataNotFoundError:
-    return DataNotFoundError(
-        f'tinyimagenet: {problem}\nGet it once (~240 MB):\n  wget http://cs231n.stanford.edu/'
-        f'tiny-imagenet-200.zip && unzip -q tiny-imagenet-200.zip -d {data_dir}')
-
+  missing = lambda problem: _missing(data_dir, problem)
   if root is None:
     expected = f'{data_dir}/tiny-imagenet-200/wnids.txt or {data_dir}/wnids.txt'
     raise missing(f'no Tiny-ImageNet-200 folder: expected {expected}.')
@@ -73,18 +68,40 @@ def load_tinyimagenet(data_dir: str) -> Dataset:
     wnids = sorted({line.strip() for line in f if line.strip()})
   if not wnids:
     raise missing(f'{root}/wnids.txt is empty.')
-  label_of = {w: i for i, w in enumerate(wnids)}
+  train_paths, train_labels = _train_files(root, wnids, missing)
+  val_paths, val_labels = _val_files(root, wnids, missing)
+  mean_std = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  return Dataset(
+      name='tinyimagenet', num_classes=len(wnids),
+      train=ImageFileSource(train_paths, train_labels, 64),
+      test=ImageFileSource(val_paths, val_labels, 64),
+      input_shape=(64, 64, 3),
+      preprocess=functools.partial(normalize_images, **mean_std),
+      augment=functools.partial(transforms.augment_image, pad=4, cutout_size=0))
 
-  train_paths, train_labels = [], []
-  for w in wnids:
+
+def _missing(data_dir: str, problem: str) -> DataNotFoundError:
+  return DataNotFoundError(
+      f'tinyimagenet: {problem}\nGet it once (~240 MB):\n  wget http://cs231n.stanford.edu/'
+      f'tiny-imagenet-200.zip && unzip -q tiny-imagenet-200.zip -d {data_dir}')
+
+
+def _train_files(root: str, wnids: list[str], missing) -> tuple[list[str], np.ndarray]:
+  """Sorted JPEG paths of ``train/<wnid>/images`` and their labels (wnid index)."""
+  paths, labels = [], []
+  for i, w in enumerate(wnids):
     folder = os.path.join(root, 'train', w, 'images')
     files = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.jpeg', '.jpg'))
                    ) if os.path.isdir(folder) else []
     if not files:
       raise missing(f'incomplete: no JPEGs in {folder}.')
-    train_paths += [os.path.join(folder, f) for f in files]
-    train_labels += [label_of[w]] * len(files)
+    paths += [os.path.join(folder, f) for f in files]
+    labels += [i] * len(files)
+  return paths, np.asarray(labels)
 
+
+def _val_files(root: str, wnids: list[str], missing) -> tuple[list[str], np.ndarray]:
+  """The ``val`` split from ``val_annotations.txt``, sorted by file name."""
   ann = os.path.join(root, 'val', 'val_annotations.txt')
   val_dir = os.path.join(root, 'val', 'images')
   if not (os.path.isfile(ann) and os.path.isdir(val_dir)):
@@ -97,12 +114,6 @@ def load_tinyimagenet(data_dir: str) -> Dataset:
   if not rows or absent or unknown:
     raise missing(f'incomplete val split in {root}/val: {len(rows)} annotations, '
                   f'{len(absent)} image files missing, unknown wnids {unknown[:3]}.')
-  mean_std = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-  return Dataset(
-      name='tinyimagenet', num_classes=len(wnids),
-      train=ImageFileSource(train_paths, np.asarray(train_labels), 64),
-      test=ImageFileSource([os.path.join(val_dir, r[0]) for r in rows],
-                           np.asarray([label_of[r[1]] for r in rows]), 64),
-      input_shape=(64, 64, 3),
-      preprocess=functools.partial(normalize_images, **mean_std),
-      augment=functools.partial(transforms.augment_image, pad=4, cutout_size=0))
+  label_of = {w: i for i, w in enumerate(wnids)}
+  return ([os.path.join(val_dir, r[0]) for r in rows],
+          np.asarray([label_of[r[1]] for r in rows]))
