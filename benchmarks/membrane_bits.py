@@ -129,23 +129,29 @@ def main(argv=None):
                  'rewritten after every cell, and its finished cells are kept on a rerun')
   p.add_argument('--merge', nargs='+', default=[],
                  help='also take finished cells (same seeds and epochs) from these JSON files')
+  p.add_argument('--table_only', action='store_true',
+                 help='train nothing: print the tables of the finished cells (- for the rest)')
   args = p.parse_args(argv)
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                  'membrane_bits.json')
   done = _done_cells(args.merge + [out], args.seeds, args.epochs)
+  wanted = {(r, w) for r in args.rows for w in args.weights}
+  others = [c for k, c in done.items() if k not in wanted]  # kept in --out, not printed
   cells = []
   with tempfile.TemporaryDirectory() as tmp:
     for row in args.rows:
       for w in args.weights:
         cell = done.get((row, w))
+        if cell is None and args.table_only:
+          continue
         if cell is None:
           cell = run_cell(row, w, args.seeds, tmp, args.epochs,
                           evaluate=row in ('mfp', 'mfp_column'))
         cells.append(cell)
         print(f'{row} {w}: {_pct(cell)}', file=sys.stderr, flush=True)
         common.write_json('membrane_bits', {'config': CONFIG, 'seeds': args.seeds,
-                                            'epochs_override': args.epochs, 'cells': cells},
-                          out)
+                                            'epochs_override': args.epochs,
+                                            'cells': cells + others}, out)
   print_tables(cells, args.rows, args.weights, args.seeds)
   print(f'\nwrote {out}')
   return cells

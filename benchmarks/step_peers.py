@@ -8,7 +8,9 @@ Contenders, each the same network from the same config (``configs/cifar10dvs.py`
 ``configs/cifar10.py``) with random inputs of the data's shape:
 
 * ``jax:<kind>`` -- ``train_lib.train_step`` jitted with the state donated, as
-  ``benchmarks.train_step`` builds it (``mfp``: ``mfp_parallel``; ``lif``: ``lif_bptt``);
+  ``benchmarks.train_step`` builds it (``mfp``: ``mfp_parallel``; ``lif``: ``lif_bptt``), in
+  a process started as train.py starts (``runtime.tune_xla_cpu``: the XLA:CPU conv flag;
+  ``MFP_JAX_XLA_CPU=default`` leaves it off);
 * ``torch:<kind>`` -- ``benchmarks.torch_twin``: ``mfp`` -> SpikingJelly ``MaskedPSN``,
   ``lif`` -> ``LIFNode`` (SJ picks its CPU kernel itself), ``relu`` -> ``ReLU``; forward,
   loss, backward and the SGD update in eager PyTorch.
@@ -191,6 +193,10 @@ def worker_main() -> int:
   send = lambda obj: proto.write(json.dumps(obj) + '\n')
   req = json.loads(sys.stdin.readline())
   alloc = common.set_allocator(req['allocator'])  # before the framework allocates
+  xla_cpu = None
+  if req['framework'] == 'jax':  # train.py's XLA:CPU conv flag ($MFP_JAX_XLA_CPU=default: off)
+    from mfp_jax import runtime
+    xla_cpu = runtime.tune_xla_cpu()
   t0 = time.perf_counter()
   try:
     run, info = (_build_jax if req['framework'] == 'jax' else _build_torch)(req)
@@ -200,7 +206,8 @@ def worker_main() -> int:
     traceback.print_exc()
     send({'error': f'{type(e).__name__}: {e}'})
     return 1
-  send({'ready': True, 'startup_s': time.perf_counter() - t0, 'allocator': alloc, **info})
+  send({'ready': True, 'startup_s': time.perf_counter() - t0, 'allocator': alloc,
+        'xla_cpu': xla_cpu, **info})
   for line in sys.stdin:
     if json.loads(line)['cmd'] != 'step':
       break

@@ -31,3 +31,12 @@ def rng():
 def tiny_config():
   from helpers import tiny_digits_config
   return tiny_digits_config()
+
+
+@pytest.fixture(scope='module')
+def cache_env(tmp_path_factory):
+  """Environment for subprocesses of one test module sharing a persistent XLA compilation
+  cache: every start after the first costs its imports, not a compile."""
+  d = tmp_path_factory.mktemp('xla_cache')
+  return {'JAX_COMPILATION_CACHE_DIR': str(d), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}

@@ -154,6 +154,11 @@ def test_membrane_bits_takes_finished_cells_without_training(tmp_path, capsys, m
   assert '| MFP column form (Eq. 6) | 70.00 +- 1.00 (10 s) |' in printed
   assert [c['row'] for c in json.loads(out.read_text())['cells']] == [
       'mfp', 'lif_t0.9_m1', 'mfp_column']
-  # A rerun with the same --out trains nothing.
+  # A rerun with the same --out trains nothing and keeps the other cells in it;
+  # --table_only leaves unfinished cells out.
   mb.main(['--seeds', '0', '1', '--weights', 'fp32', '--rows', 'mfp_column', '--out', str(out)])
+  assert len(json.loads(out.read_text())['cells']) == 3
+  mb.main(['--seeds', '0', '1', '--weights', 'fp32', '1bit', '--rows', 'mfp', '--table_only',
+           '--out', str(tmp_path / 'table.json'), '--merge', str(out)])
   assert trained == ['mfp_column']
+  assert '| MFP (learned [T, T] M) | 86.50 +- 1.00 (10 s) | - |' in capsys.readouterr().out

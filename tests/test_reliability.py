@@ -45,13 +45,6 @@ class Runs(Processes):
     return super().start(name, [*TINY, '--workdir', str(workdir), *extra], env=env)
 
 
-@pytest.fixture(scope='module')
-def cache_env(tmp_path_factory):
-  d = tmp_path_factory.mktemp('xla_cache')
-  return {'JAX_COMPILATION_CACHE_DIR': str(d), 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
-
-
 @pytest.fixture
 def runs(tmp_path, cache_env):
   r = Runs(tmp_path, cache_env)
