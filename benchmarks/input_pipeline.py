@@ -97,9 +97,13 @@ def _buffered(setting: dict | None) -> int:
   return setting['prefetch'] * max(setting['num_workers'], 1)
 
 
+MIN_TIMED = 8  # batches after the buffered ones; fewer are not a steady rate (reported nan)
+
+
 def loading_rate(dataset, setting: dict | None, batch_size: int,
                  epochs: int) -> dict[str, Any]:
-  """Steady batches/s (median over ``epochs``) and seconds to the first batch."""
+  """Steady batches/s (median over ``epochs``; nan when an epoch has fewer than
+  ``MIN_TIMED`` batches beyond those buffered at the start) and seconds to the first batch."""
   rates, starts, nb = [], [], 0
   for epoch in range(epochs):
     t0 = time.perf_counter()
@@ -115,10 +119,10 @@ def loading_rate(dataset, setting: dict | None, batch_size: int,
     t2 = time.perf_counter()
     nb += k
     it.close()  # not timed: after the last batch, workers exit in the background
-    if k:
+    if k >= MIN_TIMED:
       rates.append(k / (t2 - t1))
   return {'batches_per_s': statistics.median(rates) if rates else float('nan'),
-          'start_s': statistics.median(starts), 'batches': nb}
+          'start_s': statistics.median(starts), 'batches': nb, 'timed_batches': k}
 
 
 def create_step(config, dataset):

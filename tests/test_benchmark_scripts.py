@@ -34,8 +34,13 @@ def test_input_pipeline_runs_tiny(tmp_path):
   assert all(v > 0 for v in overlap['loop_ms'].values())
   # The other loaders' real on-disk formats, loading only.
   rows = input_pipeline.main(['--datasets', 'cifar10', 'tinyimagenet', 'cifar10dvs',
-                              '--batch_size', '4', '--examples', '20', '--epochs', '1',
+                              '--batch_size', '4', '--examples', '40', '--epochs', '1',
                               '--threads', '1', '--workers', '0', '--overlap',
                               '--train_steps', '0', '--out', str(tmp_path / 'p.json')])
   assert [r['dataset'] for r in rows] == ['cifar10', 'tinyimagenet', 'cifar10dvs']
   assert all(r['pipeline_batches_per_s'] > 0 and r['batches'] >= 1 for r in rows)
+  # With one thread, 4 of cifar10's 10 batches are buffered after the first: the 5 timed are
+  # too few for a rate.
+  assert rows[0]['settings']['1 thread']['timed_batches'] == 5
+  assert rows[0]['settings']['1 thread']['batches_per_s'] != rows[0]['settings']['1 thread'][
+      'batches_per_s']  # nan
