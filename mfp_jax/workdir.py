@@ -152,7 +152,8 @@ def _describe_holder(workdir: str, text: str) -> str:
     return f'{workdir} is in use by another process that is just starting'
   where = '' if host == socket.gethostname() else f' on {host}'
   cmd = ' '.join(str(cmd).split())  # one line, whatever the holder's argv held
-  cmd = cmd if len(cmd) <= 200 else cmd[:197] + '...'
+  # Long paths would push the flags, the part that tells two runs apart, out of a cut at the end.
+  cmd = cmd if len(cmd) <= 200 else cmd[:80] + ' ... ' + cmd[-115:]
   return f'{workdir} is in use by PID {pid}{where} ({cmd}), started {started}'
 
 

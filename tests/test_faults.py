@@ -97,6 +97,19 @@ def test_second_holder_of_a_workdir_is_refused_naming_the_first(tmp_path):
   assert not (w / workdir.LOCK_NAME).exists()
 
 
+def test_a_long_holder_command_is_cut_in_the_middle_keeping_its_flags():
+  # CI's deep virtualenv and tmp paths once cut '--tag=first' off the end of the holder's line.
+  cmd = '/a/very/deep/venv/bin/python ' + 'x' * 300 + '/train.py --config=c.py --tag=first'
+  line = {'pid': 7, 'host': workdir.socket.gethostname(), 'command': cmd,
+          'started': '2026-12-02 04:11:19'}
+  msg = workdir._describe_holder('/w', json.dumps(line))
+  held = re.fullmatch(r'/w is in use by PID 7 \((.*)\), started 2026-12-02 04:11:19', msg)
+  assert held, msg
+  assert len(held[1]) <= 200
+  assert held[1].startswith('/a/very/deep/venv/bin/python x') and ' ... ' in held[1]
+  assert held[1].endswith('/train.py --config=c.py --tag=first')
+
+
 def test_lock_leaves_no_empty_directories_it_created(tmp_path):
   with workdir.lock(str(tmp_path / 'runs' / 'a')):
     os.makedirs(tmp_path / 'runs' / 'a' / 'checkpoints')  # opened, nothing saved
