@@ -115,8 +115,9 @@ def print_tables(cells: list[dict], rows: list[str], weights: list[str], seeds: 
   print(common.markdown_table(['neuron'] + [f'{w} hidden weights' for w in weights],
                               [[ROWS[r][0]] + [_pct(by.get((r, w))) for w in weights]
                                for r in rows]))
-  print('\n## The trained MFP nets in three forms\n')
-  print(eval_table(cells))
+  if any(r.get('eval') for c in cells for r in c['runs']):
+    print('\n## The trained MFP nets in three forms\n')
+    print(eval_table(cells))
 
 
 def main(argv=None):

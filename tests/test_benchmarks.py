@@ -152,6 +152,7 @@ def test_membrane_bits_takes_finished_cells_without_training(tmp_path, capsys, m
   assert '| MFP (learned [T, T] M) | 86.50 +- 1.00 (10 s) |' in printed
   assert '| LIF tau 0.9, 1-bit membrane | 81.00 +- 1.00 (10 s) |' in printed
   assert '| MFP column form (Eq. 6) | 70.00 +- 1.00 (10 s) |' in printed
+  assert 'three forms' not in printed  # no cell has eval.py's comparison: no empty table
   assert [c['row'] for c in json.loads(out.read_text())['cells']] == [
       'mfp', 'lif_t0.9_m1', 'mfp_column']
   # A rerun with the same --out trains nothing and keeps the other cells in it;
@@ -162,3 +163,12 @@ def test_membrane_bits_takes_finished_cells_without_training(tmp_path, capsys, m
            '--out', str(tmp_path / 'table.json'), '--merge', str(out)])
   assert trained == ['mfp_column']
   assert '| MFP (learned [T, T] M) | 86.50 +- 1.00 (10 s) | - |' in capsys.readouterr().out
+  evaluated = cell('mfp', 'fp32', [0.86])
+  evaluated['runs'][0]['eval'] = {
+      'accuracy': {'parallel': 0.86, 'serial': 0.86, 'eq9': 0.5},
+      'prediction_agreement': {'serial': 1.0, 'eq9': 0.5},
+      'spike_agreement': {'serial': {'a': 1.0, 'b': 1.0}, 'eq9': {'a': 0.8, 'b': 0.6}}}
+  mb.print_tables([evaluated], ['mfp'], ['fp32'], [0])
+  printed = capsys.readouterr().out
+  assert '## The trained MFP nets in three forms' in printed
+  assert '| mfp, fp32 | eq9 | 50.00% | 50.00% | 70.0000% |' in printed
