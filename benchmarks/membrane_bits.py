@@ -74,8 +74,9 @@ def _pct(cell: dict | None) -> str:
   return f'{100 * cell["mean"]:.2f} +- {100 * cell["std"]:.2f} ({cell["wall_s"]:.0f} s)'
 
 
-def eval_table(cells: list[dict]) -> str:
-  """Exact serial and Eq. 9 against parallel, on the trained MFP nets (mean over seeds)."""
+def eval_table(cells: list[dict]) -> str | None:
+  """Exact serial and Eq. 9 against parallel, on the trained MFP nets (mean over seeds);
+  ``None`` when no cell has eval.py's comparison."""
   rows = []
   for c in cells:
     evals = [r['eval'] for r in c['runs'] if r.get('eval')]
@@ -90,7 +91,7 @@ def eval_table(cells: list[dict]) -> str:
                    '-' if mode == 'parallel' else
                    f'{100 * mean(lambda e: np.mean(list(e["spike_agreement"][mode].values()))):.4f}%'])
   return common.markdown_table(['net', 'form', 'accuracy', 'predictions = parallel',
-                                'spikes = parallel'], rows)
+                                'spikes = parallel'], rows) if rows else None
 
 
 def _done_cells(paths: list[str], seeds: list[int], epochs: int | None) -> dict:
@@ -115,9 +116,9 @@ def print_tables(cells: list[dict], rows: list[str], weights: list[str], seeds: 
   print(common.markdown_table(['neuron'] + [f'{w} hidden weights' for w in weights],
                               [[ROWS[r][0]] + [_pct(by.get((r, w))) for w in weights]
                                for r in rows]))
-  if any(r.get('eval') for c in cells for r in c['runs']):
-    print('\n## The trained MFP nets in three forms\n')
-    print(eval_table(cells))
+  table = eval_table(cells)
+  if table:
+    print(f'\n## The trained MFP nets in three forms\n\n{table}')
 
 
 def main(argv=None):
