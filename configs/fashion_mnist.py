@@ -12,11 +12,11 @@ MFP neurons, direct encoding over T = 4 steps; full-precision first conv and cla
 Training: cross-entropy of the time-mean logits (`mean_ce`), AdamW 3e-2 with a one-epoch
 warmup and cosine decay, 7 epochs, no augmentation.
 
-Why these: in 15 minutes this net underfits, so crop + flip only slowed it (2-epoch runs:
-85.87% with them, 88.36% without), a larger learning rate helped (88.36 / 89.67 / 89.97% at
-3e-3 / 1e-2 / 3e-2), and so did training the prediction itself, the mean of the per-step
-logits, instead of every step on its own (`per_step_ce`: 89.97% -> 90.52% at 2 epochs, 91.46%
--> 91.98% at 7, seed 0). Crop + flip lowered even an 11-epoch run of 1.5x the width
+Why these: in 15 minutes with per-step CE this net underfits, so crop + flip only slowed it
+(2-epoch runs: 85.87% with them, 88.36% without), a larger learning rate helped (88.36 /
+89.67 / 89.97% at 3e-3 / 1e-2 / 3e-2), and so did training the prediction itself, the mean
+of the per-step logits, instead of every step on its own (`per_step_ce`: 89.97% -> 90.52% at
+2 epochs, 91.46% -> 91.98% at 7, seed 0). Crop + flip lowered even an 11-epoch run of 1.5x the width
 (91.14%, README).
 
 Measured on 2 CPU cores: see README, "Results on real data" (steps/s, wall time, 3 seeds).
