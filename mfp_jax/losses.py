@@ -4,7 +4,7 @@
 Classification losses are registered by name (:func:`register_loss`): a loss is
 ``fn(logits [T, B, K], labels [B], mask [B], **kwargs) -> scalar``, and a config's ``loss``
 section holds ``name``, the firing-rate term's ``fr_lambda`` / ``fr_target``, and the loss's
-own keyword arguments (e.g. ``lam`` for ``tet``).
+own keyword arguments (e.g. ``lam`` for ``tet``, ``label_smoothing`` for the cross-entropies).
 """
 
 from __future__ import annotations
@@ -24,25 +24,51 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _smoothed_ce(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+  """Cross-entropy ``[...]`` of ``logits [..., K]`` against ``labels [...]``, the one-hot
+  targets smoothed to ``(1 - s) * onehot + s / K`` (plain CE at ``s = 0``)."""
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f'label_smoothing = {label_smoothing!r}: must be in [0, 1)')
+  if label_smoothing == 0.0:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+                                label_smoothing)
+  return optax.softmax_cross_entropy(logits, jnp.broadcast_to(targets, logits.shape))
+
+
+def _label_smoothing_problems(fields: dict) -> list[tuple[str, str]]:
+  """``config_problems`` hook of the cross-entropies: ``label_smoothing`` in [0, 1)."""
+  s = fields.get('label_smoothing', 0.0)
+  ok = isinstance(s, (int, float)) and 0.0 <= s < 1.0
+  return [] if ok else [('label_smoothing', 'a number in [0, 1)')]
+
+
 @register_loss('per_step_ce')
-def per_step_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+def per_step_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+                label_smoothing: float = 0.0) -> jax.Array:
   """Cross-entropy at every time step, averaged over ``T`` (TET without its MSE term).
 
   Args:
     logits: ``[T, B, K]``; labels: int ``[B]``; mask: ``[B]``.
+    label_smoothing: ``s`` in [0, 1): targets ``(1 - s) * onehot + s / K``.
 
   Returns:
     scalar ``(1/T) sum_t mean_b CE(logits[t, b], labels[b])``.
   """
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None, :])  # [T, B]
+  ce = _smoothed_ce(logits, jnp.broadcast_to(labels[None, :], logits.shape[:2]),
+                    label_smoothing)  # [T, B]
   return _masked_mean(ce.mean(axis=0), mask)
 
 
 @register_loss('mean_ce')
-def mean_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Cross-entropy of the time-mean logits ``mean_t logits[t]``. Shapes as :func:`per_step_ce`."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.mean(axis=0), labels)
-  return _masked_mean(ce, mask)
+def mean_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array, *,
+            label_smoothing: float = 0.0) -> jax.Array:
+  """Cross-entropy of the time-mean logits ``mean_t logits[t]``. Shapes and
+  ``label_smoothing`` as :func:`per_step_ce`."""
+  return _masked_mean(_smoothed_ce(logits.mean(axis=0), labels, label_smoothing), mask)
+
+
+per_step_ce.config_problems = mean_ce.config_problems = _label_smoothing_problems
 
 
 @register_loss('tet')

@@ -91,6 +91,41 @@ def test_per_step_loss_and_firing_rate_term_by_hand():
   assert float(losses.firing_rate_penalty(jnp.array([0.3, 0.9]))) == 0.0
 
 
+def test_label_smoothing_by_hand():
+  # T=2, B=2, K=3; targets (1 - s) * onehot + s / K.
+  logits = jnp.array([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]],
+                      [[0.0, 0.0, 0.0], [1.0, 1.0, 3.0]]])
+  labels = jnp.array([0, 2])
+  mask = jnp.array([1.0, 1.0])
+  s = 0.3
+
+  def smoothed_ce(z, y):
+    logp = np.asarray(z) - np.log(np.exp(np.asarray(z)).sum())
+    target = np.full(3, s / 3)
+    target[y] += 1 - s
+    return -(target * logp).sum()
+
+  want = np.mean([np.mean([smoothed_ce(logits[t, b], labels[b]) for t in range(2)])
+                  for b in range(2)])
+  assert float(losses.per_step_ce(logits, labels, mask, label_smoothing=s)) == pytest.approx(
+      want, rel=1e-6)
+  mean_logits = np.asarray(logits).mean(axis=0)
+  want_mean = np.mean([smoothed_ce(mean_logits[b], labels[b]) for b in range(2)])
+  assert float(losses.mean_ce(logits, labels, mask, label_smoothing=s)) == pytest.approx(
+      want_mean, rel=1e-6)
+  # s = 0 is the plain CE, and the smoothed loss's gradient is the softmax minus the target
+  assert float(losses.mean_ce(logits, labels, mask, label_smoothing=0.0)) == float(
+      losses.mean_ce(logits, labels, mask))
+  g = jax.grad(lambda z: losses.mean_ce(z[None], labels, mask, label_smoothing=s))(
+      jnp.asarray(mean_logits))
+  target = np.full((2, 3), s / 3)
+  target[[0, 1], [0, 2]] += 1 - s
+  np.testing.assert_allclose(np.asarray(g), (np.asarray(jax.nn.softmax(mean_logits)) - target)
+                             / 2, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match=r'label_smoothing = 1.0: must be in \[0, 1\)'):
+    losses.mean_ce(logits, labels, mask, label_smoothing=1.0)
+
+
 def test_changing_t_does_not_recompile(tiny_config):
   tiny_config.model.quant.estimator = 'annealed'
   ds = data_lib.create_dataset(tiny_config.data, T=4)

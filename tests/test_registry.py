@@ -16,6 +16,7 @@ from mfp_jax import inference
 from mfp_jax import layers
 from mfp_jax import models
 from mfp_jax import registry
+from mfp_jax import train_lib
 
 DIGITS = (8, 8, 1)
 
@@ -101,6 +102,17 @@ def test_none_means_unset_never_zero():
   assert c.model.neuron.membrane_bits is None
   c.stop_at_step = 0
   with pytest.raises(config_lib.ConfigError, match='stop_at_step = 0: must be None or'):
+    config_lib.validate(c)
+
+
+def test_label_smoothing_is_a_validated_loss_field():
+  c = config_lib.base_config()
+  c.loss = config_lib.loss_config('mean_ce', label_smoothing=0.1)
+  config_lib.validate(c)
+  assert train_lib.classification_loss(c.loss).keywords == {'label_smoothing': 0.1}
+  c.loss.label_smoothing = 1.5
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config.loss.label_smoothing = 1.5: must be a number in \[0, 1\)'):
     config_lib.validate(c)
 
 
