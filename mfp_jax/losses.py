@@ -24,22 +24,26 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _label_smoothing_ok(s: object) -> bool:
+  """The one rule for ``label_smoothing``, checked at config time and at the call."""
+  return isinstance(s, (int, float)) and 0.0 <= s < 1.0
+
+
 def _smoothed_ce(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
   """Cross-entropy ``[...]`` of ``logits [..., K]`` against ``labels [...]``, the one-hot
   targets smoothed to ``(1 - s) * onehot + s / K`` (plain CE at ``s = 0``)."""
-  if not 0.0 <= label_smoothing < 1.0:
+  if not _label_smoothing_ok(label_smoothing):
     raise ValueError(f'label_smoothing = {label_smoothing!r}: must be in [0, 1)')
   if label_smoothing == 0.0:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
                                 label_smoothing)
-  return optax.softmax_cross_entropy(logits, jnp.broadcast_to(targets, logits.shape))
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 def _label_smoothing_problems(fields: dict) -> list[tuple[str, str]]:
   """``config_problems`` hook of the cross-entropies: ``label_smoothing`` in [0, 1)."""
-  s = fields.get('label_smoothing', 0.0)
-  ok = isinstance(s, (int, float)) and 0.0 <= s < 1.0
+  ok = _label_smoothing_ok(fields.get('label_smoothing', 0.0))
   return [] if ok else [('label_smoothing', 'a number in [0, 1)')]
 
 
