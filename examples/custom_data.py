@@ -46,7 +46,7 @@ def main():
   # The same network, run one time step at a time on integer spike counts.
   ds = load_bars()
   model = models.create_model(c.model, num_classes=ds.num_classes)
-  variables = {'params': result.state.params, 'batch_stats': result.state.batch_stats}
+  variables = train_lib.eval_variables(result.state)  # the moving average, if kept
   x, _ = ds.test.get_batch(np.arange(len(ds.test)))
   parallel = inference.make_infer_fn(model, variables, input_shape=ds.input_shape)(x)
   serial = inference.make_infer_fn(model, variables, mode='serial', input_shape=ds.input_shape)(x)

@@ -62,7 +62,7 @@ def main():
   c.optim = config_lib.optim_config('adamw', learning_rate=3e-3)
   state = train_lib.train_and_evaluate(c, args.workdir).state
   model = models.create_model(c.model, num_classes=10)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = train_lib.eval_variables(state)  # the moving average, when the run keeps one
   ds = mj.data.create_dataset(c.data)
   x = ds.preprocess(ds.test.get_batch(np.arange(256))[0])
   infer = lambda mode: inference.make_infer_fn(model, variables, mode=mode, with_spikes=True,

@@ -94,6 +94,9 @@ OPTIM_FIELDS = {  # besides name; the rest of config.optim goes to the builder
     'warmup_epochs': Field(0.0, float, lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),
     'grad_clip': Field(None, float, lambda v: _finite(v) and v > 0,
                        'None (off) or a finite number > 0 (global-norm clip)'),
+    'ema_decay': Field(0.0, float, lambda v: 0 <= v < 1,
+                       'a number in [0, 1): 0 is off, else the decay of the moving average '
+                       'of the weights that evaluation uses'),
 }
 LOSS_FIELDS = {  # besides name; the rest of config.loss goes to the loss function
     'fr_lambda': Field(0.0, float, lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),

@@ -222,7 +222,7 @@ def _evaluate_run(config, workdir: str, best: bool, write_plots: bool,
                   out_dir: str) -> dict[str, Any]:
   s, state, meta = train_lib.restore_run(config, workdir, best=best)
   model, dataset = s.model, s.dataset
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = train_lib.eval_variables(state)
   res = evaluate_modes(model, variables, dataset, batch_size=config.data.eval_batch_size,
                        progress=config.progress)
   which = 'best' if best else 'latest'

@@ -3,8 +3,8 @@
 An optimizer builder is ``fn(learning_rate, **kwargs) -> optax.GradientTransformation`` with
 ``learning_rate`` an Optax schedule; register one with :func:`register_optimizer`. A config's
 ``optim`` section holds ``name``, the fields every optimizer shares (:data:`SHARED_FIELDS`:
-``learning_rate``, ``schedule``, ``warmup_epochs``, ``grad_clip``) and the builder's own
-keyword arguments (``momentum`` and ``weight_decay`` for ``sgd``, ...).
+``learning_rate``, ``schedule``, ``warmup_epochs``, ``grad_clip``, ``ema_decay``) and the
+builder's own keyword arguments (``momentum`` and ``weight_decay`` for ``sgd``, ...).
 
 Weight decay applies to conv/dense kernels only (:func:`weight_decay_mask`): never to ``M``,
 ``tau``, norm scales or biases, as in the Q-SNN recipe.
@@ -23,8 +23,10 @@ OPTIMIZERS: registry.Registry[Callable[..., optax.GradientTransformation]] = reg
     'optimizer')
 register_optimizer = registry.registrar(OPTIMIZERS)
 
-# Fields of config.optim that are not the builder's: the schedule and clipping around it.
-SHARED_FIELDS = ('name', 'learning_rate', 'schedule', 'warmup_epochs', 'grad_clip')
+# Fields of config.optim that are not the builder's: the schedule and clipping around it, and
+# the moving average of the weights (kept in the training state: train_lib.update_ema).
+SHARED_FIELDS = ('name', 'learning_rate', 'schedule', 'warmup_epochs', 'grad_clip',
+                 'ema_decay')
 
 
 def weight_decay_mask(params: Any) -> Any:

@@ -51,15 +51,38 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
+  # {'params', 'batch_stats'}: their exponential moving average, which evaluation uses
+  # (config.optim.ema_decay > 0), or None (off: then no array of the state is added).
+  ema: Any = None
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       input_shape: tuple[int, ...], key: jax.Array) -> TrainState:
-  """Initial state for inputs of ``input_shape`` (one example, no batch axis)."""
+                       input_shape: tuple[int, ...], key: jax.Array, *,
+                       ema: bool = False) -> TrainState:
+  """Initial state for inputs of ``input_shape`` (one example, no batch axis); ``ema``: also
+  a moving average of the variables, starting at the initial ones."""
   variables = models.init_variables(model, input_shape, key)
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params))
+  params, stats = variables['params'], variables.get('batch_stats', {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                    opt_state=tx.init(params),
+                    ema={'params': params, 'batch_stats': stats} if ema else None)
+
+
+def eval_variables(state: TrainState, *, ema: bool = True) -> dict[str, Any]:
+  """``{'params', 'batch_stats'}`` that evaluation, folding and export use: the moving
+  average when the state keeps one (and ``ema``), else the trained variables themselves."""
+  if ema and state.ema is not None:
+    return state.ema
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def update_ema(ema: Any, new: Any, step: jax.Array, decay: float) -> Any:
+  """``ema * d + new * (1 - d)`` leaf by leaf, with ``d = min(decay, (1 + step) / (10 +
+  step))``: early on the average follows the variables (``step`` = updates so far, int32
+  scalar), later it spans about ``1 / (1 - decay)`` steps."""
+  step = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return optax.incremental_update(new, ema, step_size=1.0 - d)
 
 
 # --- Steps ---------------------------------------------------------------------------------
@@ -84,7 +107,8 @@ def classification_loss(loss_cfg) -> Callable[[jax.Array, jax.Array, jax.Array],
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], anneal_t: jax.Array, *,
                model: nn.Module, tx: optax.GradientTransformation,
-               loss_cfg: ml_collections.ConfigDict, skip_nonfinite: bool):
+               loss_cfg: ml_collections.ConfigDict, skip_nonfinite: bool,
+               ema_decay: float = 0.0):
   """One optimizer step. Pure: ``(state, batch, anneal_t) -> (state, metrics)``.
 
   Args:
@@ -94,6 +118,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], anneal_t: jax.Arr
       ``fr_target``.
     skip_nonfinite: if the loss, a gradient or the new state is not finite, keep the old
       state (the step counter still advances, so the data order is unchanged).
+    ema_decay: the decay of ``state.ema`` (:func:`update_ema`; unused when it is None).
 
   Returns:
     new state; metrics ``loss``, ``ce``, ``fr_loss``, ``accuracy``, ``rates [L]``, ``finite``.
@@ -111,7 +136,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], anneal_t: jax.Arr
       loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new = TrainState(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+  ema = state.ema
+  if ema is not None:
+    ema = update_ema(ema, {'params': params, 'batch_stats': new_stats}, state.step, ema_decay)
+  new = TrainState(step=state.step + 1, params=params, batch_stats=new_stats,
+                   opt_state=opt_state, ema=ema)
   # The new state too: a finite gradient times a huge learning rate can still overflow.
   finite = jnp.isfinite(loss) & all_finite((grads, new))
   if skip_nonfinite:
@@ -123,10 +152,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], anneal_t: jax.Arr
   return new, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module):
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              ema: bool = True):
   """Sums over a (padded) eval batch: ``correct``, ``loss`` (CE of the time-mean logits),
-  ``count``, rates ``[L]``."""
-  logits, rates, _ = _forward(model, state.params, state.batch_stats, batch['image'],
+  ``count``, rates ``[L]``; of the variables :func:`eval_variables` picks."""
+  v = eval_variables(state, ema=ema)
+  logits, rates, _ = _forward(model, v['params'], v['batch_stats'], batch['image'],
                               jnp.float32(1.0), train=False)
   mask = batch['mask']
   ce = optax.softmax_cross_entropy_with_integer_labels(logits.mean(axis=0), batch['label'])
@@ -253,7 +284,8 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     model = models.create_model(config.model, num_classes=dataset.num_classes)
   lr_fn = create_learning_rate_fn(config.optim, steps_per_epoch, total_steps)
   tx = create_optimizer(config.optim, lr_fn)
-  init = jax.jit(functools.partial(create_train_state, model, tx, dataset.input_shape),
+  init = jax.jit(functools.partial(create_train_state, model, tx, dataset.input_shape,
+                                   ema=config.optim.ema_decay > 0),
                  out_shardings=NamedSharding(mesh, P()))
   try:  # Shapes only: a model that cannot take this data fails here, in one line.
     abstract = jax.eval_shape(init, jax.random.key(config.seed))

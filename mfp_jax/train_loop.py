@@ -122,10 +122,14 @@ class Run:
     self.p_train = jax.jit(
         lambda st, b, t: train_lib.train_step(st, b, t, model=s.model, tx=s.tx,
                                               loss_cfg=config.loss,
-                                              skip_nonfinite=config.nan_policy == 'skip'),
+                                              skip_nonfinite=config.nan_policy == 'skip',
+                                              ema_decay=config.optim.ema_decay),
         out_shardings=(repl, repl), donate_argnums=0)
-    self.p_eval = jax.jit(lambda st, b: train_lib.eval_step(st, b, model=s.model),
-                          out_shardings=repl)
+    # With a moving average, the test metrics are the average's; the trained weights' own
+    # accuracy is logged beside them ('raw_accuracy'), so the average's worth is measured.
+    self.p_eval, self.p_eval_raw = (
+        jax.jit(lambda st, b, ema=ema: train_lib.eval_step(st, b, model=s.model, ema=ema),
+                out_shardings=repl) for ema in (True, False))
     self.rate_names = models.spiking_layer_names(s.model, s.dataset.input_shape)
     self.buffer = MetricsBuffer(log, s.lr_fn, self.rate_names, config.nan_policy,
                                 self.last_good)
@@ -156,11 +160,15 @@ class Run:
     c = self.config
     if self.stop is not None:
       self.stop.pause_for_test(f'eval:{self.step}')
-    ev = train_lib.evaluate(self.state, self.s.dataset, self.p_eval,
-                            batch_size=c.data.eval_batch_size, sharding=self.data_sh)
-    self.last_eval = {**ev, 'step': self.step}
+    run_eval = lambda fn: train_lib.evaluate(self.state, self.s.dataset, fn,
+                                             batch_size=c.data.eval_batch_size,
+                                             sharding=self.data_sh)
+    ev = run_eval(self.p_eval)
+    raw = {} if self.state.ema is None else {
+        'raw_accuracy': run_eval(self.p_eval_raw)['accuracy']}
+    self.last_eval = {**ev, **raw, 'step': self.step}
     if log:
-      self.log.write(self.step, 'test', {'accuracy': ev['accuracy'], 'loss': ev['loss'],
+      self.log.write(self.step, 'test', {'accuracy': ev['accuracy'], 'loss': ev['loss'], **raw,
                                          'rates': dict(zip(self.rate_names, ev['rates']))})
 
   def train_epoch(self, epoch: int, stop: resilience.StopRequest, stop_at: int) -> bool:
@@ -206,7 +214,9 @@ class Run:
     self.buffer.flush()
     if (epoch + 1) % c.eval_every_epochs == 0 or epoch + 1 == c.num_epochs:
       self.evaluate()
-      self.log.info(f'epoch {epoch + 1}: test accuracy {self.last_eval["accuracy"]:.4f} '
+      raw = self.last_eval.get('raw_accuracy')
+      raw = '' if raw is None else f' (moving average; the trained weights: {raw:.4f})'
+      self.log.info(f'epoch {epoch + 1}: test accuracy {self.last_eval["accuracy"]:.4f}{raw} '
                     f'({time.time() - self.t0:.1f} s)')
       if self.last_eval['accuracy'] > self.best_acc:
         self.best_acc = self.last_eval['accuracy']
