@@ -7,8 +7,8 @@ here (big_vision's ``Model(**config.model)``):
 
 * ``model``: ``name`` + the model's constructor arguments (:func:`model_config`);
 * ``data``: ``name``, ``batch_size``, ``eval_batch_size`` + the loader's arguments;
-* ``optim``: ``name``, ``learning_rate``, ``schedule``, ``warmup_epochs``, ``grad_clip`` + the
-  optimizer builder's arguments;
+* ``optim``: ``name``, ``learning_rate``, ``schedule``, ``warmup_epochs``, ``grad_clip``,
+  ``ema_decay``, ``lr_mults`` + the optimizer builder's arguments;
 * ``loss``: ``name``, ``fr_lambda``, ``fr_target`` + the loss function's arguments.
 
 Every default is written once: builder arguments in the builder's signature, the shared
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import typing
 from typing import Any, Callable, NamedTuple
 
@@ -44,6 +45,18 @@ class Field(NamedTuple):
   type: type
   check: Callable[[Any], bool] = lambda v: True
   allowed: str = ''
+
+
+def _lr_mult_ok(rule) -> bool:
+  if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+          and isinstance(rule[1], (int, float)) and not isinstance(rule[1], bool)
+          and _finite(rule[1]) and rule[1] >= 0):
+    return False
+  try:
+    re.compile(rule[0])
+  except re.error:
+    return False
+  return True
 
 
 def _finite(v) -> bool:
@@ -97,6 +110,10 @@ OPTIM_FIELDS = {  # besides name; the rest of config.optim goes to the builder
     'ema_decay': Field(0.0, float, lambda v: 0 <= v < 1,
                        'a number in [0, 1): 0 is off, else the decay of the moving average '
                        'of the weights that evaluation uses'),
+    'lr_mults': Field((), tuple, lambda v: all(_lr_mult_ok(r) for r in v),
+                      "a tuple of (regex, multiplier >= 0) pairs, e.g. (('Stem|Classifier', "
+                      "0.1),): each parameter's update is scaled by the multiplier of the "
+                      "first regex that re.search-es its path ('Stem_0/QConv_0/kernel')"),
 }
 LOSS_FIELDS = {  # besides name; the rest of config.loss goes to the loss function
     'fr_lambda': Field(0.0, float, lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),

@@ -235,6 +235,11 @@ def run_fingerprint(config: ml_collections.ConfigDict, dataset: data_lib.Dataset
           'num_epochs': config.num_epochs}
 
 
+# Fields added after checkpoints were made, with the value that an older run had implicitly:
+# a fingerprint without one matches the default, so old workdirs still resume.
+_ADDED_FIELDS = {'optim.ema_decay': 0.0, 'optim.lr_mults': []}
+
+
 def fingerprint_changes(old: Any, new: dict[str, Any]) -> list[str]:
   """``'field: old -> new'`` for every field that differs (empty: the same run)."""
   if not isinstance(old, dict):
@@ -242,8 +247,9 @@ def fingerprint_changes(old: Any, new: dict[str, Any]) -> list[str]:
   a = traverse_util.flatten_dict(old, sep='.')
   b = traverse_util.flatten_dict(new, sep='.')
   missing = object()
-  return [f'{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}'.replace(repr(missing), '(none)')
-          for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+  get = lambda d, k: d.get(k, _ADDED_FIELDS.get(k, missing))
+  return [f'{k}: {get(a, k)!r} -> {get(b, k)!r}'.replace(repr(missing), '(none)')
+          for k in sorted(set(a) | set(b)) if get(a, k) != get(b, k)]
 
 
 class Setup(NamedTuple):
@@ -294,6 +300,12 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
     raise config_lib.ConfigError(
         f'model {type(model).__name__} cannot take data {dataset.name} (one example '
         f'{tuple(dataset.input_shape)}): {type(e).__name__}: {first}') from e
+  unmatched = optim.unmatched_lr_mults(abstract.params, config.optim.lr_mults)
+  if unmatched:
+    first = jax.tree_util.tree_flatten_with_path(abstract.params)[0][0][0]
+    raise config_lib.ConfigError(
+        f'config.optim.lr_mults: {unmatched} match no parameter of {type(model).__name__} '
+        f'(paths look like {optim.param_path(first)!r})')
   fp = run_fingerprint(config, dataset, model, user_dataset=user_dataset, user_model=user_model)
   return Setup(dataset, model, lr_fn, tx, init, abstract, steps_per_epoch, total_steps, fp)
 
