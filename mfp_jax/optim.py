@@ -25,8 +25,9 @@ OPTIMIZERS: registry.Registry[Callable[..., optax.GradientTransformation]] = reg
     'optimizer')
 register_optimizer = registry.registrar(OPTIMIZERS)
 
-# Fields of config.optim that are not the builder's: the schedule and clipping around it, and
-# the moving average of the weights (kept in the training state: train_lib.update_ema).
+# Fields of config.optim that are not the builder's: the schedule, clipping and per-parameter
+# multipliers around it, and the moving average of the weights (kept in the training state:
+# train_lib.update_ema).
 SHARED_FIELDS = ('name', 'learning_rate', 'schedule', 'warmup_epochs', 'grad_clip',
                  'ema_decay', 'lr_mults')
 
