@@ -18,8 +18,8 @@ Why these: in 15 minutes with per-step CE this net underfits, so crop + flip onl
 89.67 / 89.97% at 3e-3 / 1e-2 / 3e-2), and so did training the prediction itself, the mean
 of the per-step logits, instead of every step on its own (`per_step_ce`: 89.97% -> 90.52% at
 2 epochs, 91.46% -> 91.98% at 7, seed 0). The annealed estimator instead of the clipped STE
-raised the 3-seed mean from 91.75 +- 0.21% to 91.93 +- 0.03% at the same cost. Crop + flip lowered even an 11-epoch run of 1.5x the width
-(91.14%, README).
+raised the 3-seed mean from 91.75 +- 0.21% to 91.93 +- 0.03% at the same cost. Crop + flip
+lowered even an 11-epoch run of 1.5x the width (91.14%, README).
 
 Measured on 2 CPU cores: see README, "Results on real data" (steps/s, wall time, 3 seeds).
 """
