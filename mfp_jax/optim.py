@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Sequence
 
+from flax import traverse_util
 import jax
 import optax
 
@@ -75,23 +76,23 @@ def create_learning_rate_fn(optim, steps_per_epoch: int, total_steps: int) -> op
 LrMults = Sequence[tuple[str, float]]
 
 
-def param_path(path: tuple[Any, ...]) -> str:
-  """A parameter's key path as ``'Stem_0/QConv_0/kernel'`` (what ``lr_mults`` patterns see)."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+def param_names(params: Any) -> list[str]:
+  """Every parameter's path, ``'Stem_0/QConv_0/kernel'``: what ``lr_mults`` patterns see."""
+  return list(traverse_util.flatten_dict(params, sep='/'))
 
 
 def lr_mult_labels(params: Any, rules: LrMults) -> Any:
   """Each leaf's multiplier as a string label: the first ``(pattern, mult)`` of ``rules``
-  whose regex ``re.search``-es the leaf's :func:`param_path`, else ``'1.0'``."""
+  whose regex ``re.search``-es the leaf's path (as in :func:`param_names`), else ``'1.0'``."""
   def label(path, _):
-    name = param_path(path)
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
     return next((repr(float(m)) for p, m in rules if re.search(p, name)), '1.0')
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def unmatched_lr_mults(params: Any, rules: LrMults) -> list[str]:
   """The patterns of ``rules`` that match no parameter of ``params`` (typos)."""
-  names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  names = param_names(params)
   return [p for p, _ in rules if not any(re.search(p, n) for n in names)]
 
 

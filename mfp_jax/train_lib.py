@@ -302,10 +302,9 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
         f'{tuple(dataset.input_shape)}): {type(e).__name__}: {first}') from e
   unmatched = optim.unmatched_lr_mults(abstract.params, config.optim.lr_mults)
   if unmatched:
-    first = jax.tree_util.tree_flatten_with_path(abstract.params)[0][0][0]
     raise config_lib.ConfigError(
         f'config.optim.lr_mults: {unmatched} match no parameter of {type(model).__name__} '
-        f'(paths look like {optim.param_path(first)!r})')
+        f'(paths look like {optim.param_names(abstract.params)[0]!r})')
   fp = run_fingerprint(config, dataset, model, user_dataset=user_dataset, user_model=user_model)
   return Setup(dataset, model, lr_fn, tx, init, abstract, steps_per_epoch, total_steps, fp)
 
