@@ -337,7 +337,7 @@ def _fold_binary(call: Call, f: Folder) -> None:
 @register_fold_rule(layers.AvgPool)
 def _fold_pool(call: Call, f: Folder) -> None:
   w = int(call.module.window)
-  f.ops.append({'op': 'pool', 'window': w})
+  f.ops.append({'op': 'pool', 'window': w, 'padding': call.module.padding})
   f.den *= w * w
 
 

@@ -278,9 +278,9 @@ def _run_classifier(op, arrays, h):
   return logits.reshape((t, b, -1)).mean(axis=0)
 
 
-def _sum_pool(s: jax.Array, window: int) -> jax.Array:
+def _sum_pool(s: jax.Array, window: int, padding: str) -> jax.Array:
   w = (1, 1, window, window, 1)
-  return jax.lax.reduce_window(s.astype(jnp.int32), 0, jax.lax.add, w, w, 'VALID')
+  return jax.lax.reduce_window(s.astype(jnp.int32), 0, jax.lax.add, w, w, padding)
 
 
 def run_program(ops: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
@@ -306,7 +306,8 @@ def run_program(ops: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
     elif kind == 'binary':
       h = spikes[op['neuron']] = _folded(arrays, op, op['neuron'], _layer_counts(arrays, h, op))
     elif kind == 'pool':
-      h = _sum_pool(h, op['window'])
+      # Programs folded before pools had a padding were all 'VALID'.
+      h = _sum_pool(h, op['window'], op.get('padding', 'VALID'))
     elif kind == 'block':
       h = spikes[op['neuron']] = _run_block(op, arrays, h, spikes)
     elif kind == 'classifier':

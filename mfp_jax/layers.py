@@ -277,9 +277,22 @@ class DenseNormSpike(nn.Module):
     return SpikingNeuron(self.neuron)(unfold_time(y, t))
 
 
-def avg_pool(x: jax.Array, window: int = 2) -> jax.Array:
-  """Average pooling of a folded ``[N, H, W, C]`` batch."""
-  return nn.avg_pool(x, (window, window), strides=(window, window))
+POOL_PADDINGS = ('VALID', 'SAME')
+
+
+def avg_pool(x: jax.Array, window: int = 2, padding: str = 'VALID') -> jax.Array:
+  """``window x window`` average pooling, stride ``window``, of a folded ``[N, H, W, C]`` batch.
+
+  ``'VALID'`` drops the last ``H % window`` rows (and columns); ``'SAME'`` keeps them, padding
+  with zeros as XLA's ``SAME`` does (for window 2: one row/column at the far edge of an odd
+  map) and still dividing by ``window^2``, so ``window^2 * output`` stays an integer count of
+  spikes, which exact serial inference relies on. Output
+  ``[N, H // window, ...]`` or ``[N, ceil(H / window), ...]``.
+  """
+  if padding not in POOL_PADDINGS:
+    raise ValueError(f'pool padding must be one of {list(POOL_PADDINGS)}, got {padding!r}')
+  return nn.avg_pool(x, (window, window), strides=(window, window), padding=padding,
+                     count_include_pad=True)
 
 
 class AvgPool(nn.Module):
@@ -288,10 +301,11 @@ class AvgPool(nn.Module):
   A module rather than a function so that code walking a model (folding, accounting) sees it.
   """
   window: int = 2
+  padding: str = 'VALID'  # or 'SAME': see avg_pool
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return unfold_time(avg_pool(fold_time(x), self.window), x.shape[0])
+    return unfold_time(avg_pool(fold_time(x), self.window, self.padding), x.shape[0])
 
 
 def firing_rates(intermediates: Mapping[str, Any]) -> list[tuple[str, jax.Array]]:

@@ -118,9 +118,11 @@ class DigitsNet(_SpikingNet):
   """Small conv net: stem, then 1-bit conv stages each followed by 2x2 pooling, dense.
 
   Built for the 8x8 digits; with ``stem_strides=2`` it suits 28x28 images on a CPU.
+  ``pool_padding='SAME'`` keeps the last row and column of odd maps (7x7 -> 4x4, not 3x3).
   """
   channels: Sequence[int] = (32, 64, 128)
   stem_strides: int = 1
+  pool_padding: str = 'VALID'
 
   @classmethod
   def config_problems(cls, fields):
@@ -131,6 +133,8 @@ class DigitsNet(_SpikingNet):
       out.append(('channels', 'a non-empty tuple of positive ints'))
     if fields.get('stem_strides') not in (1, 2):
       out.append(('stem_strides', '1 or 2'))
+    if fields.get('pool_padding') not in layers.POOL_PADDINGS:
+      out.append(('pool_padding', ' or '.join(map(repr, layers.POOL_PADDINGS))))
     return out
 
   @nn.compact
@@ -140,7 +144,7 @@ class DigitsNet(_SpikingNet):
         x, train=train, anneal_t=anneal_t)
     for c in rest:
       h = layers.ConvNormSpike(c, 1, self.quant, self.neuron)(h, train=train, anneal_t=anneal_t)
-      h = layers.AvgPool(2)(h)
+      h = layers.AvgPool(2, self.pool_padding)(h)
     return Classifier(self.num_classes, self.edge_quant, global_pool=False)(h, anneal_t)
 
 

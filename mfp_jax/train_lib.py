@@ -237,7 +237,8 @@ def run_fingerprint(config: ml_collections.ConfigDict, dataset: data_lib.Dataset
 
 # Fields added after checkpoints were made, with the value that an older run had implicitly:
 # a fingerprint without one matches the default, so old workdirs still resume.
-_ADDED_FIELDS = {'optim.ema_decay': 0.0, 'optim.lr_mults': []}
+_ADDED_FIELDS = {'optim.ema_decay': 0.0, 'optim.lr_mults': [],
+                 'model.pool_padding': 'VALID'}
 
 
 def fingerprint_changes(old: Any, new: dict[str, Any]) -> list[str]:

@@ -33,12 +33,15 @@ def _agree(spikes_a, spikes_b):
   return {k: float(jnp.mean(spikes_a[k] == spikes_b[k])) for k in spikes_a}
 
 
+def _both_forms(model, variables, x, input_shape):
+  """``(logits, spikes)`` of the parallel and of the exact serial form on ``x``."""
+  return [inference.make_infer_fn(model, variables, mode=mode, input_shape=input_shape,
+                                  with_spikes=True)(x) for mode in ('parallel', 'serial')]
+
+
 def test_serial_equals_parallel_on_trained_digits(digits):
   model, variables, x, y = digits
-  lp, sp = inference.make_infer_fn(model, variables, mode='parallel', input_shape=DIGITS,
-                                   with_spikes=True)(x)
-  ls, ss = inference.make_infer_fn(model, variables, mode='serial', input_shape=DIGITS,
-                                   with_spikes=True)(x)
+  (lp, sp), (ls, ss) = _both_forms(model, variables, x, DIGITS)
   np.testing.assert_array_equal(lp.argmax(-1), ls.argmax(-1))
   assert all(v == 1.0 for v in _agree(sp, ss).values()), _agree(sp, ss)
   np.testing.assert_allclose(lp, ls, rtol=1e-5, atol=1e-5)
@@ -54,15 +57,26 @@ def test_serial_equals_parallel_on_residual_net(kind, edge_bits):
                           edge_quant=layers.QuantSpec(bits=edge_bits))
   variables = random_variables(model, (8, 8, 3))
   x = jax.random.uniform(jax.random.key(2), (32, 8, 8, 3))
-  lp, sp = inference.make_infer_fn(model, variables, mode='parallel', input_shape=(8, 8, 3),
-                                   with_spikes=True)(x)
-  ls, ss = inference.make_infer_fn(model, variables, mode='serial', input_shape=(8, 8, 3),
-                                   with_spikes=True)(x)
+  (lp, sp), (ls, ss) = _both_forms(model, variables, x, (8, 8, 3))
   agree = _agree(sp, ss)
   assert set(agree) >= {'BasicBlock_0/SpikingNeuron_0', 'BasicBlock_1/SpikingNeuron_0'}
   assert all(v == 1.0 for v in agree.values()), agree
   assert 0.05 < float(np.mean([jnp.mean(s) for s in ss.values()])) < 0.95  # not degenerate
   np.testing.assert_array_equal(lp.argmax(-1), ls.argmax(-1))
+
+
+def test_serial_equals_parallel_with_same_padded_pools():
+  # 14x14 -> stem stride 2 -> 7x7 -> 'SAME' pool -> 4x4 -> 2x2: the zero-padded edge windows
+  # hold fewer spikes but the same window^2 divisor, in the parallel and the integer form.
+  model = models.DigitsNet(num_classes=10, T=3, channels=(4, 8, 8), stem_strides=2,
+                           pool_padding='SAME')
+  variables = random_variables(model, (14, 14, 1))
+  x = jax.random.uniform(jax.random.key(4), (16, 14, 14, 1))
+  (lp, sp), (ls, ss) = _both_forms(model, variables, x, (14, 14, 1))
+  agree = _agree(sp, ss)
+  assert len(agree) == 3 and all(v == 1.0 for v in agree.values()), agree
+  assert 0.05 < float(np.mean([jnp.mean(s) for s in ss.values()])) < 0.95  # not degenerate
+  np.testing.assert_allclose(lp, ls, rtol=1e-5, atol=1e-5)
 
 
 def test_folded_residual_scan_matches_parallel_and_plain_fold():

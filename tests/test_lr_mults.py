@@ -73,8 +73,11 @@ def _fingerprint(config):
 def test_old_fingerprints_without_the_new_fields_still_match():
   new = _fingerprint(tiny_digits_config())
   old = {**new, 'optim': {k: v for k, v in new['optim'].items()
-                          if k not in ('lr_mults', 'ema_decay')}}
+                          if k not in ('lr_mults', 'ema_decay')},
+         'model': {k: v for k, v in new['model'].items() if k != 'pool_padding'}}
   assert train_lib.fingerprint_changes(old, new) == []
+  same = _fingerprint(tiny_digits_config(**{'model.pool_padding': 'SAME'}))
+  assert train_lib.fingerprint_changes(old, same) == ["model.pool_padding: 'VALID' -> 'SAME'"]
   changed = _fingerprint(tiny_digits_config(**{'optim.lr_mults': (('Stem', 0.5),)}))
   assert train_lib.fingerprint_changes(old, changed) == [
       "optim.lr_mults: [] -> [['Stem', 0.5]]"]

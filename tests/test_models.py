@@ -154,3 +154,20 @@ def test_bad_names():
   model = models.create_model(model_cfg('digits_cnn'), num_classes=10)
   with pytest.raises(ValueError, match=r'\[B, H, W, C\]'):
     models.init_variables(model, (8, 8), jax.random.key(0))
+
+
+def test_same_pool_keeps_the_odd_edge():
+  # 3x3 -> 2x2: 'SAME' pads the far row and column with zeros and still divides by 4.
+  x = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+  np.testing.assert_array_equal(layers.avg_pool(x, 2, 'SAME')[0, ..., 0],
+                                [[(1 + 2 + 4 + 5) / 4, (3 + 6) / 4], [(7 + 8) / 4, 9 / 4]])
+  np.testing.assert_array_equal(layers.avg_pool(x, 2)[0, ..., 0], [[3.0]])
+  with pytest.raises(ValueError, match="pool padding must be one of .* got 'same'"):
+    layers.avg_pool(x, 2, 'same')
+  # digits_cnn at 14x14 with a stride-2 stem: 7x7 pools to 4x4 (not 3x3) under 'SAME'.
+  shapes = {}
+  for padding in layers.POOL_PADDINGS:
+    model = models.DigitsNet(channels=(4, 8), T=2, stem_strides=2, pool_padding=padding)
+    v = jax.eval_shape(lambda m=model: models.init_variables(m, (14, 14, 1), jax.random.key(0)))
+    shapes[padding] = v['params']['Classifier_0']['QDense_0']['kernel'].shape
+  assert shapes == {'VALID': (3 * 3 * 8, 10), 'SAME': (4 * 4 * 8, 10)}

@@ -116,6 +116,15 @@ def test_label_smoothing_is_a_validated_loss_field():
     config_lib.validate(c)
 
 
+def test_pool_padding_is_a_validated_model_field():
+  c = config_lib.base_config()
+  assert c.model.pool_padding == 'VALID'
+  c.model.pool_padding = 'same'
+  with pytest.raises(config_lib.ConfigError,
+                     match="config.model.pool_padding = 'same': must be 'VALID' or 'SAME'"):
+    config_lib.validate(c)
+
+
 def test_neuron_mode_switches_a_model_of_any_structure():
   model = models.DigitsNet(channels=(4, 8), T=3)
   v = random_variables(model, DIGITS)
