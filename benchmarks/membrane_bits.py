@@ -15,14 +15,15 @@ scan with full-precision ones) and the paper's Eq. 9 with the parallel form.
 
 Baselines are not tuned down: every row uses the config's optimizer, schedule and epochs.
 Prints markdown tables; writes JSON (default benchmarks/results/membrane_bits.json) after every
-cell. A rerun with the same ``--out`` keeps its finished cells (same seeds and epochs), and
-``--merge A.json B.json`` takes cells from other invocations: a table split over several runs
-is printed whole without retraining.
+cell. A rerun with the same ``--out`` keeps its finished cells (same config file contents,
+seeds and epochs), and ``--merge A.json B.json`` takes cells from other invocations: a table
+split over several runs is printed whole without retraining.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -33,6 +34,14 @@ import numpy as np
 from benchmarks import common
 
 CONFIG = 'configs/seq_fashion_mnist.py'
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config_sha256(path: str = CONFIG) -> str:
+  """The config file's content hash: finished cells are reused only under the same config
+  (an edited learning rate or epoch count retrains them)."""
+  with open(os.path.join(_ROOT, path), 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
 LIF = '--config.model.neuron.kind=lif'
 
 
@@ -95,15 +104,17 @@ def eval_table(cells: list[dict]) -> str | None:
 
 
 def _done_cells(paths: list[str], seeds: list[int], epochs: int | None) -> dict:
-  """Finished cells from earlier JSON files of this benchmark run with the same seeds and
-  epochs (a long table is resumable, and can be split over several invocations)."""
-  done = {}
+  """Finished cells from earlier JSON files of this benchmark run with the same config file
+  contents, seeds and epochs (a long table is resumable, and can be split over several
+  invocations)."""
+  done, sha = {}, config_sha256()
   for path in paths:
     if not os.path.exists(path):
       continue
     with open(path) as f:
       prev = json.load(f)
-    if prev.get('seeds') == seeds and prev.get('epochs_override') == epochs:
+    if (prev.get('config_sha256') == sha and prev.get('seeds') == seeds
+        and prev.get('epochs_override') == epochs):
       done.update({(c['row'], c['weights']): c for c in prev['cells']})
   return done
 
@@ -136,6 +147,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                  'membrane_bits.json')
+  sha = config_sha256()
   done = _done_cells(args.merge + [out], args.seeds, args.epochs)
   wanted = {(r, w) for r in args.rows for w in args.weights}
   others = [c for k, c in done.items() if k not in wanted]  # kept in --out, not printed
@@ -151,7 +163,8 @@ def main(argv=None):
                           evaluate=row in ('mfp', 'mfp_column'))
         cells.append(cell)
         print(f'{row} {w}: {_pct(cell)}', file=sys.stderr, flush=True)
-        common.write_json('membrane_bits', {'config': CONFIG, 'seeds': args.seeds,
+        common.write_json('membrane_bits', {'config': CONFIG, 'config_sha256': sha,
+                                            'seeds': args.seeds,
                                             'epochs_override': args.epochs,
                                             'cells': cells + others}, out)
   print_tables(cells, args.rows, args.weights, args.seeds)

@@ -132,21 +132,23 @@ def test_membrane_bits_takes_finished_cells_without_training(tmp_path, capsys, m
     return {'row': row, 'weights': weights, 'runs': runs, 'mean': sum(accs) / len(accs),
             'std': 0.01, 'wall_s': 10.0}
 
-  def write(path, cells, seeds):
-    path.write_text(json.dumps({'config': mb.CONFIG, 'seeds': seeds, 'epochs_override': None,
-                                'cells': cells}))
+  def write(path, cells, seeds, sha=mb.config_sha256()):
+    path.write_text(json.dumps({'config': mb.CONFIG, 'config_sha256': sha, 'seeds': seeds,
+                                'epochs_override': None, 'cells': cells}))
 
-  # Two earlier invocations with the same seeds, and one with other seeds (not taken).
+  # Two earlier invocations with the same seeds; one with other seeds and one run under an
+  # edited config file: neither is taken.
   write(tmp_path / 'a.json', [cell('mfp', 'fp32', [0.86, 0.87])], [0, 1])
   write(tmp_path / 'b.json', [cell('lif_t0.9_m1', 'fp32', [0.80, 0.82])], [0, 1])
   write(tmp_path / 'c.json', [cell('mfp_column', 'fp32', [0.5, 0.5])], [0, 2])
+  write(tmp_path / 'd.json', [cell('mfp_column', 'fp32', [0.6, 0.6])], [0, 1], sha='0' * 64)
   trained = []
   monkeypatch.setattr(mb, 'run_cell', lambda row, w, *a, **k: trained.append(row) or
                       cell(row, w, [0.7, 0.7]))
   out = tmp_path / 'all.json'
   mb.main(['--seeds', '0', '1', '--weights', 'fp32', '--rows', 'mfp', 'lif_t0.9_m1',
            'mfp_column', '--out', str(out), '--merge', str(tmp_path / 'a.json'),
-           str(tmp_path / 'b.json'), str(tmp_path / 'c.json')])
+           str(tmp_path / 'b.json'), str(tmp_path / 'c.json'), str(tmp_path / 'd.json')])
   assert trained == ['mfp_column']
   printed = capsys.readouterr().out
   assert '| MFP (learned [T, T] M) | 86.50 +- 1.00 (10 s) |' in printed
