@@ -13,7 +13,8 @@ wall time per run (start-up and compilation included). On the trained MFP nets, 
 compares the exact serial form (folded integer thresholds with 1-bit weights; a float streaming
 scan with full-precision ones) and the paper's Eq. 9 with the parallel form.
 
-Baselines are not tuned down: every row uses the config's optimizer, schedule and epochs.
+Baselines are not tuned down: every row uses the config's optimizer, schedule and epochs, at
+its neuron's own best learning rate (:data:`LEARNING_RATES`).
 Prints markdown tables; writes JSON (default benchmarks/results/membrane_bits.json) after every
 cell. A rerun with the same ``--out`` keeps its finished cells (same config file contents,
 seeds and epochs), and ``--merge A.json B.json`` takes cells from other invocations: a table
@@ -45,14 +46,26 @@ def config_sha256(path: str = CONFIG) -> str:
 LIF = '--config.model.neuron.kind=lif'
 
 
+# Each neuron's AdamW learning rate (the config's cosine schedule and epochs): the best of
+# LR_GRID on seed 0 with full-precision weights (README, "Results on real data"), so that every
+# baseline trains at its own best rate. A LIF's quantized-membrane rows take its float row's.
+LR_GRID = (2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
+LEARNING_RATES = {'mfp': 2e-2, 'mfp_column': 2e-2, 'lif_t0.5': 5e-2, 'lif_t0.9': 5e-2}
+
+
+def _lr(family: str) -> list[str]:
+  return [f'--config.optim.learning_rate={LEARNING_RATES[family]}']
+
+
 def _lif(tau: float, bits: int | None) -> list[str]:
-  out = [LIF, f'--config.model.neuron.tau={tau}']
+  out = [LIF, f'--config.model.neuron.tau={tau}'] + _lr(f'lif_t{tau}')
   return out + ([f'--config.model.neuron.membrane_bits={bits}'] if bits else [])
 
 
 ROWS = {
-    'mfp': ('MFP (learned [T, T] M)', []),
-    'mfp_column': ('MFP column form (Eq. 6)', ['--config.model.neuron.kind=mfp_column']),
+    'mfp': ('MFP (learned [T, T] M)', _lr('mfp')),
+    'mfp_column': ('MFP column form (Eq. 6)',
+                   ['--config.model.neuron.kind=mfp_column'] + _lr('mfp_column')),
     **{f'lif_t{tau}_{"float" if b is None else f"m{b}"}': (
         f'LIF tau {tau}, {"float" if b is None else f"{b}-bit"} membrane', _lif(tau, b))
        for tau in (0.5, 0.9) for b in (None, 8, 2, 1)},

@@ -124,6 +124,15 @@ def test_allocator_modes():
   assert common.markdown_table(['a', 'b'], [[1, 2.5]]).splitlines()[2] == '| 1 | 2.50 |'
 
 
+def test_membrane_bits_rows_train_at_their_neurons_rate():
+  from benchmarks import membrane_bits as mb
+  rates = {row: [o for o in ov if o.startswith('--config.optim.learning_rate=')]
+           for row, (_, ov) in mb.ROWS.items()}
+  assert all(len(r) == 1 and float(r[0].split('=')[1]) in mb.LR_GRID for r in rates.values())
+  for tau in (0.5, 0.9):  # a LIF's quantized membranes train at its float row's rate
+    assert len({rates[r][0] for r in rates if r.startswith(f'lif_t{tau}_')}) == 1
+
+
 def test_membrane_bits_takes_finished_cells_without_training(tmp_path, capsys, monkeypatch):
   from benchmarks import membrane_bits as mb
 
