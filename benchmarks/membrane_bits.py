@@ -35,6 +35,7 @@ import numpy as np
 from benchmarks import common
 
 CONFIG = 'configs/seq_fashion_mnist.py'
+LIF = '--config.model.neuron.kind=lif'
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,7 +44,6 @@ def config_sha256(path: str = CONFIG) -> str:
   (an edited learning rate or epoch count retrains them)."""
   with open(os.path.join(_ROOT, path), 'rb') as f:
     return hashlib.sha256(f.read()).hexdigest()
-LIF = '--config.model.neuron.kind=lif'
 
 
 # Each neuron's AdamW learning rate (the config's cosine schedule and epochs): the best of
@@ -116,11 +116,11 @@ def eval_table(cells: list[dict]) -> str | None:
                                 'spikes = parallel'], rows) if rows else None
 
 
-def _done_cells(paths: list[str], seeds: list[int], epochs: int | None) -> dict:
+def _done_cells(paths: list[str], sha: str, seeds: list[int], epochs: int | None) -> dict:
   """Finished cells from earlier JSON files of this benchmark run with the same config file
-  contents, seeds and epochs (a long table is resumable, and can be split over several
-  invocations)."""
-  done, sha = {}, config_sha256()
+  contents (``sha``, :func:`config_sha256`), seeds and epochs (a long table is resumable, and
+  can be split over several invocations)."""
+  done = {}
   for path in paths:
     if not os.path.exists(path):
       continue
@@ -161,7 +161,7 @@ def main(argv=None):
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results',
                                  'membrane_bits.json')
   sha = config_sha256()
-  done = _done_cells(args.merge + [out], args.seeds, args.epochs)
+  done = _done_cells(args.merge + [out], sha, args.seeds, args.epochs)
   wanted = {(r, w) for r in args.rows for w in args.weights}
   others = [c for k, c in done.items() if k not in wanted]  # kept in --out, not printed
   cells = []
