@@ -20,7 +20,6 @@ import numpy as np
 
 from benchmarks import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     'default': ('MFP, 1-bit hidden (pow2, clipped STE), fp first/last, lambda 0', []),

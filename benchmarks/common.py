@@ -187,12 +187,12 @@ def mib(nbytes: float | None) -> float | None:
 
 # --- Runs of the scripts users run (train.py / eval.py in subprocesses) -------------------
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def _run_script(args: list[str]) -> tuple[subprocess.CompletedProcess, float]:
   t0 = time.perf_counter()
-  r = subprocess.run([sys.executable, *args], cwd=_ROOT, capture_output=True, text=True,
+  r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                      env=dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu')))
   return r, time.perf_counter() - t0
 

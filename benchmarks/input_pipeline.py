@@ -41,9 +41,8 @@ from typing import Any
 
 from benchmarks import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'tests'))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(common.ROOT, 'tests'))
+sys.path.insert(0, common.ROOT)
 
 CONFIG_OF = {'digits': 'digits', 'cifar10': 'cifar10', 'tinyimagenet': 'tinyimagenet',
              'cifar10dvs': 'cifar10dvs'}
@@ -63,7 +62,7 @@ def write_data(name: str, root: pathlib.Path, n: int) -> None:
 
 def load_config(name: str):
   import importlib.util
-  path = os.path.join(ROOT, 'configs', f'{CONFIG_OF[name]}.py')
+  path = os.path.join(common.ROOT, 'configs', f'{CONFIG_OF[name]}.py')
   spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

@@ -36,13 +36,12 @@ from benchmarks import common
 
 CONFIG = 'configs/seq_fashion_mnist.py'
 LIF = '--config.model.neuron.kind=lif'
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config_sha256(path: str = CONFIG) -> str:
   """The config file's content hash: finished cells are reused only under the same config
   (an edited learning rate or epoch count retrains them)."""
-  with open(os.path.join(_ROOT, path), 'rb') as f:
+  with open(os.path.join(common.ROOT, path), 'rb') as f:
     return hashlib.sha256(f.read()).hexdigest()
 
 

@@ -219,7 +219,7 @@ def spawn_allocators(allocators, argv: list[str]) -> dict:
       cmd = [sys.executable, '-m', 'benchmarks.neuron', *argv, '--allocator', alloc,
              '--out', path]
       print(f'\n# --- allocator {alloc}: a fresh process ---', flush=True)
-      r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS=os.environ.get(
+      r = subprocess.run(cmd, cwd=common.ROOT, env=dict(os.environ, JAX_PLATFORMS=os.environ.get(
           'JAX_PLATFORMS', 'cpu')))
       if r.returncode != 0:
         raise RuntimeError(f'allocator {alloc} failed ({r.returncode}): {" ".join(cmd)}')
@@ -239,9 +239,6 @@ def _without(argv: list[str], flags) -> list[str]:
     elif a.split('=', 1)[0] not in flags:
       keep.append(a)
   return keep
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None):

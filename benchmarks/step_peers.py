@@ -52,7 +52,6 @@ import traceback
 
 from benchmarks import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAMEWORKS = ('jax', 'torch')
 KINDS = ('mfp', 'lif', 'relu')
 WHAT = {('jax', 'mfp'): 'mfp_jax mfp_parallel', ('jax', 'lif'): 'mfp_jax lif_bptt',
@@ -231,7 +230,7 @@ class Worker:
     if req['framework'] == 'jax':
       env.setdefault('JAX_PLATFORMS', 'cpu')  # the twin runs on the CPU: compare like with like
     self.proc = subprocess.Popen([python, '-m', 'benchmarks.step_peers', '--worker'],
-                                 cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                                 cwd=common.ROOT, env=env, stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
     self.ready = self.ask(req)
 
@@ -267,7 +266,7 @@ class Worker:
 def run_probe(python: str, framework: str) -> dict:
   try:
     out = subprocess.run([python, '-m', 'benchmarks.step_peers', '--probe', framework],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=common.ROOT, capture_output=True, text=True, timeout=300)
   except (OSError, subprocess.TimeoutExpired) as e:
     return {'ok': False, 'why': f'{type(e).__name__}: {e}'}
   lines = out.stdout.strip().splitlines()

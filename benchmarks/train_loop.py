@@ -53,7 +53,6 @@ import time
 from benchmarks import common
 from benchmarks import train_step
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # config name -> the benchmarks.train_step model of the same net (and default batch)
 CONFIGS = {'cifar10dvs': 'vggsnn', 'cifar10': 'resnet19', 'digits': 'digits'}
 KINDS = train_step.KINDS
@@ -63,7 +62,7 @@ TINY = {'configs': 'digits', 'steps': 4, 'log_every': 2, 'rounds': 1, 'batch': '
 def write_data(name: str, root: pathlib.Path, n_train: int) -> str | None:
   """Synthetic data of config ``name`` under ``root`` in its real on-disk format, with at
   least ``n_train`` training examples; returns the ``data_dir`` to pass (None: embedded)."""
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
+  sys.path.insert(0, os.path.join(common.ROOT, 'tests'))
   import datagen
   if name == 'cifar10':
     datagen.write_tfds_cifar(root, 'cifar10', n_train=n_train, n_test=16)
@@ -120,7 +119,7 @@ def run_once(name: str, setting: str, kind: str, data_dir, batch, args, tmp: str
   workdir = tempfile.mkdtemp(prefix=f'{name}_{setting}_{kind}_', dir=tmp)
   cmd = train_command(name, kind, workdir, data_dir, batch, args)
   load0, w0 = common._loadavg(), time.time()
-  r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=train_step._setting_env(setting),
+  r = subprocess.run([sys.executable, *cmd], cwd=common.ROOT, env=train_step._setting_env(setting),
                      capture_output=True, text=True)
   wall = time.time() - w0
   if r.returncode != 0:

@@ -46,7 +46,6 @@ import time
 
 from benchmarks import common
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {  # name -> (config file, default batch)
     'vggsnn': ('configs/cifar10dvs.py', 4),
     'resnet19': ('configs/cifar10.py', 8),
@@ -66,7 +65,7 @@ SETTINGS = {
 
 def load_config(path: str):
   """``get_config()`` of a config file in this repository."""
-  spec = importlib.util.spec_from_file_location('bench_config', os.path.join(ROOT, path))
+  spec = importlib.util.spec_from_file_location('bench_config', os.path.join(common.ROOT, path))
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
@@ -207,7 +206,7 @@ def spawn_setting(setting: str, argv: list[str], mem_ts: str) -> dict:
     out = os.path.join(tmp, 'setting.json')
     cmd = [sys.executable, '-m', 'benchmarks.train_step', *argv, '--worker', setting,
            '--mem-ts', mem_ts, '--out', out]
-    r = subprocess.run(cmd, cwd=ROOT, env=_setting_env(setting), stdout=subprocess.PIPE,
+    r = subprocess.run(cmd, cwd=common.ROOT, env=_setting_env(setting), stdout=subprocess.PIPE,
                        text=True)
     if r.returncode != 0 or not os.path.exists(out):
       raise RuntimeError(f'setting {setting} failed ({r.returncode}): {" ".join(cmd)}\n'
