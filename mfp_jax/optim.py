@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Sequence
 
-from flax import traverse_util
 import jax
 import optax
 
@@ -76,16 +75,20 @@ def create_learning_rate_fn(optim, steps_per_epoch: int, total_steps: int) -> op
 LrMults = Sequence[tuple[str, float]]
 
 
+def _path_name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
 def param_names(params: Any) -> list[str]:
   """Every parameter's path, ``'Stem_0/QConv_0/kernel'``: what ``lr_mults`` patterns see."""
-  return list(traverse_util.flatten_dict(params, sep='/'))
+  return [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def lr_mult_labels(params: Any, rules: LrMults) -> Any:
   """Each leaf's multiplier as a string label: the first ``(pattern, mult)`` of ``rules``
   whose regex ``re.search``-es the leaf's path (as in :func:`param_names`), else ``'1.0'``."""
   def label(path, _):
-    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    name = _path_name(path)
     return next((repr(float(m)) for p, m in rules if re.search(p, name)), '1.0')
   return jax.tree_util.tree_map_with_path(label, params)
 

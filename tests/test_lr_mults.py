@@ -27,6 +27,16 @@ def test_labels_take_the_first_matching_rule():
   assert optim.unmatched_lr_mults(PARAMS, (('Stem', 1.0), ('Stme', 2.0))) == ['Stme']
 
 
+def test_each_listed_name_is_the_path_one_leaf_is_labelled_by():
+  # param_names (the typo check, the error's example) and the labels must see one spelling.
+  names = optim.param_names(PARAMS)
+  assert sorted(names) == ['Block_0/BatchNorm_0/scale', 'Block_0/QConv_0/kernel',
+                           'Stem_0/QConv_0/kernel']
+  for name in names:
+    labels = jax.tree.leaves(optim.lr_mult_labels(PARAMS, ((f'^{name}$', 2.0),)))
+    assert sorted(labels) == ['1.0', '1.0', '2.0']
+
+
 def test_plain_sgd_steps_scale_by_hand():
   # SGD, lr 1, no momentum: the update is -mult * g exactly.
   tx = optax.chain(optax.sgd(1.0), optim.scale_by_lr_mults((('Stem', 0.25), ('BatchNorm', 0.0))))
